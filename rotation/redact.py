@@ -1,0 +1,54 @@
+"""Keeps secret values out of logs, messages, exceptions and the state DB.
+
+Every secret value Rotor reads or makes is registered here the moment it exists. Output
+boundaries (the log handler, the Slack reporter, the state store) pass text through
+`redact`, and the store refuses outright to write a row that still contains one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+MASK = "[redacted]"
+_MIN_LENGTH = 6  # shorter strings are too common to hide without mangling ordinary text
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+
+
+def register(*values: str | None) -> None:
+    """Remember values that must never be shown."""
+    with _lock:
+        for value in values:
+            if value and len(value) >= _MIN_LENGTH:
+                _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """Replace every registered secret in `text` with a mask."""
+    with _lock:
+        found = [s for s in _secrets if s in text]
+    for value in sorted(found, key=len, reverse=True):
+        text = text.replace(value, MASK)
+    return text
+
+
+def contains_secret(text: str) -> bool:
+    with _lock:
+        return any(s in text for s in _secrets)
+
+
+class RedactingFilter(logging.Filter):
+    """Logging filter that masks registered secrets in the formatted message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if contains_secret(message):
+            record.msg, record.args = redact(message), None
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            if contains_secret(str(exc)):
+                record.exc_info = None
+                record.exc_text = f"{type(exc).__name__}: {redact(str(exc))}"
+        return True

@@ -1,0 +1,54 @@
+"""Fixtures shared by every layer of tests: real database sandboxes, moto, a temp state DB."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests import servers
+
+
+def _unavailable(exc: servers.ServerUnavailable) -> None:
+    # Never skip silently: in CI an unreachable server fails the run; locally it fails too,
+    # with the command that starts the server.
+    pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def mysql_box() -> Iterator[servers.MySQLSandbox]:
+    try:
+        box = servers.mysql_sandbox()
+    except servers.ServerUnavailable as exc:
+        _unavailable(exc)
+        raise
+    try:
+        yield box
+    finally:
+        servers.drop_mysql_sandbox(box)
+
+
+@pytest.fixture
+def postgres_box() -> Iterator[servers.PostgresSandbox]:
+    try:
+        box = servers.postgres_sandbox()
+    except servers.ServerUnavailable as exc:
+        _unavailable(exc)
+        raise
+    try:
+        yield box
+    finally:
+        servers.drop_postgres_sandbox(box)
+
+
+@pytest.fixture(autouse=True)
+def _aws_test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach real AWS: fake credentials and a fixed region for boto3."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    if not os.environ.get("ROTOR_TEST_KEEP_ENDPOINT"):
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
