@@ -1,0 +1,647 @@
+"""The rotation engine: a persisted state machine that runs a kind's steps in order.
+
+A step is a small function. It checks whether its work is already done before acting, so
+running it twice is harmless; that is what makes a crash at any point resumable: the next
+process re-runs the step that was running. A step returns `Done`, `Skipped` or `Wait`, or
+asks for approval through `ctx.approve(...)`. Waits are persisted with their start time and
+re-checked with backoff; no thread sleeps holding state.
+
+The engine does no I/O of its own beyond the store: clients for AWS, Kubernetes and the
+databases come in through `clients`, and 2nd line is told through a `SecondLine` notifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from rotation import redact
+from rotation.catalogue import Catalogue
+from rotation.errors import (
+    InvalidTransition,
+    NotAllowed,
+    RotorError,
+    StepFailed,
+    UnknownName,
+)
+from rotation.store import ACTIVE, CANCELLED, DONE, RotationRow, SecretInState, StepRow, Store
+
+log = logging.getLogger("rotor.engine")
+
+LEASE_SECONDS = 120
+SYSTEM = "rotor"
+
+
+# -- what steps return -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Done:
+    """The step's work is done; `result` is a short, non-secret line for the thread."""
+
+    result: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The step had nothing to do."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not yet: re-check later with backoff; fail once `timeout` seconds have passed."""
+
+    reason: str
+    timeout: float
+
+
+Outcome = Done | Skipped | Wait
+
+
+class _NeedsApproval(Exception):
+    """Control flow: the step asked for a decision it does not have yet."""
+
+    def __init__(self, gate: str, summary: str, destructive: bool) -> None:
+        super().__init__(summary)
+        self.gate, self.summary, self.destructive = gate, summary, destructive
+
+
+class _Pause(Exception):
+    """Control flow: the gate is approved but must wait (2nd line notice, hold period)."""
+
+    def __init__(self, reason: str, until: float) -> None:
+        super().__init__(reason)
+        self.reason, self.until = reason, until
+
+
+@dataclass(frozen=True)
+class Step:
+    """One runbook step: `run(ctx)` does it, idempotently."""
+
+    name: str
+    title: str
+    run: Callable[[Context], Outcome]
+    destructive: bool = False
+
+
+class Kind(Protocol):
+    """A rotation kind: the ordered steps of one runbook, and how to cancel it safely."""
+
+    name: str
+
+    def validate(self, catalogue: Catalogue, target: str, env: str,
+                 params: Mapping[str, Any]) -> None:
+        """Raise a RotorError when this rotation must not start (bad names, config)."""
+
+    def steps(self, catalogue: Catalogue, target: str, env: str,
+              params: Mapping[str, Any]) -> list[Step]:
+        """The steps, in order, fixed when the rotation starts."""
+
+    def cancel(self, ctx: Context) -> str:
+        """Leave the app on credentials that work; return what was done."""
+
+
+class SecondLine(Protocol):
+    """Tells 2nd line what is about to happen; returns where the notice went."""
+
+    def notify(self, rotation: RotationRow, step: StepRow, summary: str,
+               approved_by: str) -> str: ...
+
+
+# -- the context a step runs in ----------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What a running step can see and do."""
+
+    engine: Engine
+    rotation: RotationRow
+    step: StepRow
+    data: dict[str, Any]
+    clients: Any
+    log: logging.LoggerAdapter[logging.Logger] = field(init=False)
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        self.log = _StepLog(log, {"step": self.step.name, "rotation": self.rotation.id})
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.engine.catalogue
+
+    @property
+    def target(self) -> str:
+        return self.rotation.target
+
+    @property
+    def env(self) -> str:
+        return self.rotation.env
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.rotation.params
+
+    def now(self) -> float:
+        return self.engine.clock()
+
+    def today(self) -> datetime:
+        return datetime.fromtimestamp(self.now(), UTC)
+
+    @property
+    def waited(self) -> float:
+        """Seconds since this step began waiting (0 when it is not waiting)."""
+        since = self.step.waiting_since
+        return 0.0 if since is None else self.now() - since
+
+    def save(self) -> None:
+        """Persist `data` now, before an action whose effect must be found again on resume."""
+        if not self.dry_run:
+            self.engine._save_data(self.rotation.id, self.data)
+
+    def approve(self, summary: str, *, gate: str = "approval",
+                destructive: bool | None = None) -> None:
+        """Return when a person approved `gate`; otherwise ask (and stop the step here).
+
+        Destructive gates in environments that notify 2nd line also post the notice
+        first, and honour the hold period, before returning.
+        """
+        destructive = self.step.destructive if destructive is None else destructive
+        if self.dry_run:
+            raise _NeedsApproval(gate, summary, destructive)
+        step = self.step
+        if not (step.approved and step.gate == gate):
+            raise _NeedsApproval(gate, summary, destructive)
+        if destructive and self.catalogue.notify_second_line(self.env):
+            self.engine._second_line_notice(self, summary)
+
+
+class _StepLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        return f"{extra.get('step')}: #{extra.get('rotation')} {msg}", kwargs
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+def _scratch_step(step: Step, now: float) -> StepRow:
+    """A step row that lives only in memory, for dry runs."""
+    values: dict[str, Any] = {f.name: None for f in fields(StepRow)}
+    values.update(rotation_id=0, position=0, name=step.name, title=step.title,
+                  destructive=int(step.destructive), status="running", attempts=1, checks=0,
+                  started_at=now)
+    return StepRow(**values)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder_is_dead(holder: str) -> bool:
+    """A lease held by a process on this host that no longer exists is free to take."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+class Engine:
+    """Starts rotations, advances them step by step, and records every decision."""
+
+    def __init__(self, store: Store, catalogue: Catalogue, kinds: Mapping[str, Kind],
+                 clients: Any, *, second_line: SecondLine | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.kinds = dict(kinds)
+        self.clients = clients
+        self.second_line = second_line
+        self.clock = clock or store.clock
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.on_change: Callable[[int], None] = lambda rotation_id: None
+
+    # -- starting ---------------------------------------------------------------------
+
+    def kind(self, name: str) -> Kind:
+        try:
+            return self.kinds[name]
+        except KeyError:
+            raise UnknownName(f"unknown rotation kind {name!r}") from None
+
+    def start(self, kind_name: str, target: str, env: str, initiator: str,
+              params: Mapping[str, Any] | None = None) -> RotationRow:
+        """Create the rotation and its steps; the worker picks it up from there."""
+        params = dict(params or {})
+        kind = self.kind(kind_name)
+        self.catalogue.environment(env)
+        kind.validate(self.catalogue, target, env, params)
+        steps = kind.steps(self.catalogue, target, env, params)
+        rotation_id = self.store.create_rotation(
+            kind_name, target, env, initiator, params,
+            [(s.name, s.title, s.destructive) for s in steps])
+        log.info("start: #%s %s rotation of %s in %s by %s", rotation_id, kind_name, target,
+                 env, initiator)
+        self.on_change(rotation_id)
+        return self.store.rotation(rotation_id)
+
+    def plan(self, kind_name: str, target: str, env: str,
+             params: Mapping[str, Any] | None = None) -> tuple[list[Step], str]:
+        """The steps, and what the first (read-only preflight) step finds. Changes nothing."""
+        params = dict(params or {})
+        kind = self.kind(kind_name)
+        self.catalogue.environment(env)
+        kind.validate(self.catalogue, target, env, params)
+        steps = kind.steps(self.catalogue, target, env, params)
+        now = self.clock()
+        rotation = RotationRow(id=0, kind=kind_name, target=target, env=env, status=ACTIVE,
+                               initiator="plan", params=params, data={}, created_at=now,
+                               updated_at=now, finished_at=None, next_run_at=None,
+                               lease_owner=None, lease_until=None, cancel_requested_by=None)
+        ctx = Context(self, rotation, _scratch_step(steps[0], now), {}, self.clients,
+                      dry_run=True)
+        outcome = steps[0].run(ctx)
+        found = outcome.result if isinstance(outcome, Done) else getattr(outcome, "reason", "")
+        return steps, found
+
+    # -- running ----------------------------------------------------------------------
+
+    def tick(self) -> float | None:
+        """Advance every rotation that is due; return seconds until the next one is."""
+        for rotation_id in self.store.due(self.clock()):
+            self.advance(rotation_id)
+        next_at = self.store.next_due_at()
+        return None if next_at is None else max(0.0, next_at - self.clock())
+
+    def advance(self, rotation_id: int) -> RotationRow:
+        """Run the rotation's steps as far as they go now. Safe to call from any process."""
+        if not self.store.claim(rotation_id, self.worker_id, self.clock() + LEASE_SECONDS,
+                                is_stale=_holder_is_dead):
+            return self.store.rotation(rotation_id)
+        try:
+            while True:
+                rotation = self.store.rotation(rotation_id)
+                if rotation.status != ACTIVE:
+                    return rotation
+                if rotation.cancel_requested_by:
+                    self._cancel_now(rotation)
+                    continue
+                step = rotation.current
+                if step is None:
+                    self._finish(rotation)
+                    continue
+                if not self._runnable(step):
+                    self._schedule(rotation)
+                    return self.store.rotation(rotation_id)
+                self._run_step(rotation, step)
+        finally:
+            self.store.release(rotation_id, self.worker_id)
+
+    def _runnable(self, step: StepRow) -> bool:
+        if step.status in ("pending", "running"):
+            return True
+        if step.status == "waiting":
+            return (step.next_check_at or 0) <= self.clock()
+        return False
+
+    def _schedule(self, rotation: RotationRow) -> None:
+        """Record when the worker should look at this rotation next (None: a person must)."""
+        step = rotation.current
+        next_run = None
+        if step is not None and step.status == "waiting":
+            next_run = step.next_check_at
+        with self.store.transaction():
+            self.store.update_rotation(rotation.id, next_run_at=next_run)
+
+    def _run_step(self, rotation: RotationRow, step: StepRow) -> None:
+        kind = self.kind(rotation.kind)
+        definition = self._definition(kind, rotation, step)
+        if step.status != "waiting":
+            with self.store.transaction():
+                self.store.update_step(rotation.id, step.position, status="running",
+                                       attempts=step.attempts + 1,
+                                       started_at=step.started_at or self.clock())
+                if step.status != "running":
+                    self.store.audit(rotation.id, "step", SYSTEM, step=step.name,
+                                     from_status=step.status, to_status="running")
+                else:
+                    self.store.audit(rotation.id, "resumed", SYSTEM, step=step.name,
+                                     from_status="running", to_status="running",
+                                     detail=f"attempt {step.attempts + 1}")
+            rotation = self.store.rotation(rotation.id)
+            step = rotation.step(step.position)
+        ctx = Context(self, rotation, step, dict(rotation.data), self.clients)
+        try:
+            self._run_definition(ctx, definition)
+        except SecretInState as exc:
+            ctx.data = dict(rotation.data)  # drop what the step added; keep the last good state
+            self._fail(ctx, str(exc))
+        self.on_change(rotation.id)
+
+    def _run_definition(self, ctx: Context, definition: Step) -> None:
+        try:
+            outcome = definition.run(ctx)
+        except _NeedsApproval as need:
+            self._ask(ctx, need)
+        except _Pause as pause:
+            self._wait(ctx, pause.reason, until=pause.until)
+        except RotorError as exc:
+            self._fail(ctx, str(exc))
+        except Exception as exc:
+            # A bug or an unexpected client error: keep the trace in the log, not the thread.
+            ctx.log.exception("unexpected %s", type(exc).__name__)
+            self._fail(ctx, f"{type(exc).__name__}: {exc}")
+        else:
+            if isinstance(outcome, Wait):
+                if ctx.waited > outcome.timeout:
+                    self._fail(ctx, f"timed out after {int(outcome.timeout)}s waiting for "
+                                    f"{outcome.reason}")
+                else:
+                    self._wait(ctx, outcome.reason)
+            else:
+                self._complete(ctx, outcome)
+
+    def _definition(self, kind: Kind, rotation: RotationRow, step: StepRow) -> Step:
+        steps = kind.steps(self.catalogue, rotation.target, rotation.env, rotation.params)
+        for definition in steps:
+            if definition.name == step.name:
+                return definition
+        raise InvalidTransition(f"rotation #{rotation.id}: step {step.name!r} no longer exists "
+                                f"in kind {rotation.kind!r}")
+
+    def _save_data(self, rotation_id: int, data: dict[str, Any]) -> None:
+        with self.store.transaction():
+            self.store.update_rotation(rotation_id, data=data)
+
+    def _transition(self, ctx: Context, to_status: str, *, event: str = "step",
+                    detail: str | None = None, actor: str = SYSTEM, **values: Any) -> None:
+        with self.store.transaction():
+            self.store.update_rotation(ctx.rotation.id, data=ctx.data)
+            self.store.update_step(ctx.rotation.id, ctx.step.position, status=to_status,
+                                   **values)
+            if to_status != ctx.step.status or detail:
+                self.store.audit(ctx.rotation.id, event, actor, step=ctx.step.name,
+                                 from_status=ctx.step.status, to_status=to_status,
+                                 detail=detail)
+
+    def _complete(self, ctx: Context, outcome: Done | Skipped) -> None:
+        status = "done" if isinstance(outcome, Done) else "skipped"
+        text = outcome.result if isinstance(outcome, Done) else outcome.reason
+        text = redact.redact(text)
+        ctx.log.info("%s: %s", status, text)
+        self._transition(ctx, status, detail=text, result=text, error=None,
+                         finished_at=self.clock(), wait_reason=None, next_check_at=None)
+
+    def _fail(self, ctx: Context, reason: str) -> None:
+        reason = redact.redact(reason)
+        ctx.log.warning("failed: %s", reason)
+        self._transition(ctx, "failed", detail=reason, error=reason, next_check_at=None)
+
+    def _wait(self, ctx: Context, reason: str, *, until: float | None = None) -> None:
+        now = self.clock()
+        waits = self.catalogue.waits
+        if until is None:
+            delay = min(waits.max_check, waits.first_check * 2 ** min(ctx.step.checks, 30))
+            until = now + delay
+        first = ctx.step.status != "waiting" or ctx.step.wait_reason != reason
+        reason = redact.redact(reason)
+        if first:
+            ctx.log.info("waiting for %s", reason)
+        self._transition(ctx, "waiting", event="waiting" if first else "step",
+                         detail=reason if first else None, wait_reason=reason,
+                         waiting_since=ctx.step.waiting_since or now,
+                         next_check_at=until, checks=ctx.step.checks + 1)
+
+    def _ask(self, ctx: Context, need: _NeedsApproval) -> None:
+        summary = redact.redact(need.summary)
+        ctx.log.info("approval needed: %s", summary)
+        self._transition(ctx, "needs-approval", event="approval-requested", detail=summary,
+                         gate=need.gate, gate_summary=summary,
+                         gate_destructive=int(need.destructive),
+                         gate_requested_at=self.clock(), decision=None, decided_by=None,
+                         decided_at=None, notice_at=None, notice_ref=None, hold_until=None,
+                         reminded_at=None, expired_at=None, next_check_at=None,
+                         waiting_since=None, wait_reason=None, checks=0)
+
+    def _second_line_notice(self, ctx: Context, summary: str) -> None:
+        """Post the 2nd line notice once, then hold; raises _Pause until the step may run."""
+        step = ctx.step
+        now = self.clock()
+        if step.notice_at is None:
+            if self.second_line is None:
+                raise StepFailed("2nd line must be told before this destructive step, and no "
+                                 "notifier is configured (set SLACK_BOT_TOKEN)")
+            try:
+                where = self.second_line.notify(ctx.rotation, step, summary,
+                                                step.decided_by or "?")
+            except Exception as exc:  # Slack down: keep the approval, retry the notice.
+                ctx.log.warning("2nd line notice failed: %s", exc)
+                raise _Pause("the 2nd line notice to be posted", now + 30) from None
+            hold = self.catalogue.slack.hold_seconds
+            with self.store.transaction():
+                self.store.update_step(ctx.rotation.id, step.position, notice_at=now,
+                                       notice_ref=where[:300], hold_until=now + hold)
+                self.store.audit(ctx.rotation.id, "second-line-notified", SYSTEM,
+                                 step=step.name, detail=where[:300])
+            ctx.step = step = self.store.rotation(ctx.rotation.id).step(step.position)
+        if step.hold_until and step.hold_until > now:
+            raise _Pause("the 2nd line hold period to pass", step.hold_until)
+
+    def _finish(self, rotation: RotationRow) -> None:
+        with self.store.transaction():
+            self.store.update_rotation(rotation.id, status=DONE, finished_at=self.clock(),
+                                       next_run_at=None)
+            self.store.audit(rotation.id, "finished", SYSTEM, from_status=ACTIVE,
+                             to_status=DONE, detail=rotation.progress)
+        log.info("finish: #%s %s in %s is done", rotation.id, rotation.target, rotation.env)
+        self.on_change(rotation.id)
+
+    # -- decisions (compare-and-set, so a double click or a second process cannot win twice)
+
+    def approve(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
+        rotation = self._active(rotation_id)
+        step = rotation.step(step_name)
+        self._check_gate_open(rotation, step)
+        if self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
+            raise NotAllowed(f"{rotation.env} needs a second person: the one who started "
+                             f"rotation #{rotation.id} cannot approve it")
+        now = self.clock()
+        with self.store.transaction():
+            won = self.store.update_step(
+                rotation.id, step.position,
+                expect={"status": "needs-approval", "decision": None, "gate": step.gate},
+                status="pending", decision="approved", decided_by=actor, decided_at=now)
+            if won:
+                self.store.update_rotation(rotation.id, next_run_at=now)
+                self.store.audit(rotation.id, "approved", actor, step=step.name,
+                                 from_status="needs-approval", to_status="pending",
+                                 detail=step.gate_summary)
+        if not won:
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} was already decided")
+        log.info("approve: #%s %s approved by %s", rotation.id, step.name, actor)
+        self.on_change(rotation.id)
+        return self.store.rotation(rotation.id)
+
+    def reject(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
+        rotation = self._active(rotation_id)
+        step = rotation.step(step_name)
+        self._check_gate_open(rotation, step, allow_expired=True)
+        reason = f"rejected by {actor}"
+        with self.store.transaction():
+            won = self.store.update_step(
+                rotation.id, step.position,
+                expect={"status": "needs-approval", "decision": None, "gate": step.gate},
+                status="failed", decision="rejected", decided_by=actor,
+                decided_at=self.clock(), error=reason)
+            if won:
+                self.store.update_rotation(rotation.id, next_run_at=None)
+                self.store.audit(rotation.id, "rejected", actor, step=step.name,
+                                 from_status="needs-approval", to_status="failed",
+                                 detail=step.gate_summary)
+        if not won:
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} was already decided")
+        self.on_change(rotation.id)
+        return self.store.rotation(rotation.id)
+
+    def hold(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
+        """2nd line stops a destructive step during its hold period; it must be approved again."""
+        rotation = self._active(rotation_id)
+        step = rotation.step(step_name)
+        if not (step.approved and step.hold_until and step.hold_until > self.clock()):
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} is not in a hold "
+                                    "period")
+        with self.store.transaction():
+            won = self.store.update_step(
+                rotation.id, step.position, expect={"decided_at": step.decided_at},
+                status="needs-approval", decision=None, decided_by=None, decided_at=None,
+                notice_at=None, notice_ref=None, hold_until=None,
+                gate_requested_at=self.clock(), wait_reason=None, next_check_at=None)
+            if won:
+                self.store.update_rotation(rotation.id, next_run_at=None)
+                self.store.audit(rotation.id, "held", actor, step=step.name,
+                                 from_status=step.status, to_status="needs-approval",
+                                 detail=f"held by {actor}")
+        self.on_change(rotation.id)
+        return self.store.rotation(rotation.id)
+
+    def expire_approvals(self, older_than: float) -> list[RotationRow]:
+        """Pause (not fail) rotations whose approval request waited too long."""
+        expired = []
+        for rotation in self.store.active():
+            step = rotation.current
+            if (step and step.status == "needs-approval" and step.decision is None
+                    and step.expired_at is None and (step.gate_requested_at or 0) < older_than):
+                with self.store.transaction():
+                    if self.store.update_step(rotation.id, step.position,
+                                              expect={"expired_at": None, "decision": None},
+                                              expired_at=self.clock()):
+                        self.store.audit(rotation.id, "approval-expired", SYSTEM,
+                                         step=step.name, detail=step.gate_summary)
+                        expired.append(rotation.id)
+        for rotation_id in expired:
+            self.on_change(rotation_id)
+        return [self.store.rotation(i) for i in expired]
+
+    def ask_again(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
+        rotation = self._active(rotation_id)
+        step = rotation.step(step_name)
+        if step.status != "needs-approval" or step.expired_at is None:
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} has no expired "
+                                    "approval")
+        with self.store.transaction():
+            self.store.update_step(rotation.id, step.position, expired_at=None,
+                                   reminded_at=None, gate_requested_at=self.clock())
+            self.store.audit(rotation.id, "approval-requested", actor, step=step.name,
+                             from_status="needs-approval", to_status="needs-approval",
+                             detail=step.gate_summary)
+        self.on_change(rotation.id)
+        return self.store.rotation(rotation.id)
+
+    def mark_reminded(self, rotation_id: int, step_name: str) -> bool:
+        rotation = self.store.rotation(rotation_id)
+        step = rotation.step(step_name)
+        with self.store.transaction():
+            return self.store.update_step(rotation.id, step.position,
+                                          expect={"reminded_at": step.reminded_at},
+                                          reminded_at=self.clock())
+
+    def retry(self, rotation_id: int, actor: str) -> RotationRow:
+        """Run the failed step again (a rejected gate asks for approval again)."""
+        rotation = self._active(rotation_id)
+        step = rotation.current
+        if step is None or step.status != "failed":
+            raise InvalidTransition(f"rotation #{rotation.id} has no failed step to retry "
+                                    f"(it is {rotation.phase})")
+        with self.store.transaction():
+            won = self.store.update_step(
+                rotation.id, step.position, expect={"status": "failed"}, status="pending",
+                error=None, waiting_since=None, wait_reason=None, checks=0,
+                **({"decision": None, "decided_by": None, "decided_at": None}
+                   if step.decision == "rejected" else {}))
+            if won:
+                self.store.update_rotation(rotation.id, next_run_at=self.clock())
+                self.store.audit(rotation.id, "retried", actor, step=step.name,
+                                 from_status="failed", to_status="pending")
+        if not won:
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} is no longer failed")
+        self.on_change(rotation.id)
+        return self.store.rotation(rotation.id)
+
+    def cancel(self, rotation_id: int, actor: str, *, now: bool = True) -> RotationRow:
+        """Ask to cancel; the worker holding the rotation undoes what is unsafe to leave."""
+        rotation = self._active(rotation_id)
+        with self.store.transaction():
+            self.store.update_rotation(rotation.id, cancel_requested_by=actor,
+                                       next_run_at=self.clock())
+            self.store.audit(rotation.id, "cancel-requested", actor, detail=rotation.phase)
+        self.on_change(rotation.id)
+        return self.advance(rotation.id) if now else self.store.rotation(rotation.id)
+
+    def _cancel_now(self, rotation: RotationRow) -> None:
+        step = rotation.current or rotation.steps[-1]
+        ctx = Context(self, rotation, step, dict(rotation.data), self.clients)
+        actor = rotation.cancel_requested_by or SYSTEM
+        try:
+            what = self.kind(rotation.kind).cancel(ctx)
+        except RotorError as exc:
+            reason = redact.redact(f"cancel could not finish: {exc}")
+            with self.store.transaction():
+                self.store.update_rotation(rotation.id, cancel_requested_by=None, data=ctx.data)
+                self.store.audit(rotation.id, "cancel-failed", actor, detail=reason)
+            self._fail(ctx, reason)
+            return
+        with self.store.transaction():
+            self.store.update_rotation(rotation.id, status=CANCELLED, finished_at=self.clock(),
+                                       next_run_at=None, data=ctx.data)
+            self.store.audit(rotation.id, "cancelled", actor, from_status=ACTIVE,
+                             to_status=CANCELLED, detail=redact.redact(what))
+        log.info("cancel: #%s cancelled by %s: %s", rotation.id, actor, what)
+
+    def _active(self, rotation_id: int) -> RotationRow:
+        rotation = self.store.rotation(rotation_id)
+        if rotation.status != ACTIVE:
+            raise InvalidTransition(f"rotation #{rotation.id} is {rotation.status}; "
+                                    "nothing to do")
+        return rotation
+
+    def _check_gate_open(self, rotation: RotationRow, step: StepRow, *,
+                         allow_expired: bool = False) -> None:
+        if step.status != "needs-approval" or step.decision is not None:
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} is not waiting "
+                                    f"for approval (it is {step.status})")
+        if step.expired_at is not None and not allow_expired:
+            raise InvalidTransition(f"the approval for rotation #{rotation.id} step {step.name} "
+                                    "expired; ask for it again")

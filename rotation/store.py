@@ -1,0 +1,434 @@
+"""Rotor's state: rotations, their steps, the audit trail and a few locks, in SQLite.
+
+Every state change is written in one transaction together with its audit row. The audit
+table is append-only (triggers refuse UPDATE and DELETE). The database itself enforces at
+most one active rotation per kind, target and environment (a partial unique index), and
+decisions are compare-and-set, so two bot processes or a double click cannot both win.
+No row may hold a secret value: writes are checked against the redaction registry.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from rotation import redact
+from rotation.errors import RotationConflict, RotorError, UnknownName
+
+ACTIVE = "active"
+DONE = "done"
+CANCELLED = "cancelled"
+
+STEP_STATUSES = ("pending", "running", "waiting", "needs-approval", "done", "failed", "skipped")
+FINISHED_STEP = ("done", "skipped")
+
+
+class SecretInState(RotorError):
+    """Refused to store text that contains a secret value."""
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE rotations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            target TEXT NOT NULL,
+            env TEXT NOT NULL,
+            status TEXT NOT NULL,
+            initiator TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}',
+            data TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL,
+            next_run_at REAL,
+            lease_owner TEXT,
+            lease_until REAL,
+            cancel_requested_by TEXT
+        );
+        CREATE UNIQUE INDEX one_active_rotation ON rotations (kind, target, env)
+            WHERE status = 'active';
+        CREATE INDEX rotations_due ON rotations (status, next_run_at);
+
+        CREATE TABLE steps (
+            rotation_id INTEGER NOT NULL REFERENCES rotations (id),
+            position INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            title TEXT NOT NULL,
+            destructive INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            started_at REAL,
+            finished_at REAL,
+            result TEXT,
+            error TEXT,
+            wait_reason TEXT,
+            waiting_since REAL,
+            next_check_at REAL,
+            checks INTEGER NOT NULL DEFAULT 0,
+            gate TEXT,
+            gate_summary TEXT,
+            gate_destructive INTEGER,
+            gate_requested_at REAL,
+            decision TEXT,
+            decided_by TEXT,
+            decided_at REAL,
+            notice_at REAL,
+            notice_ref TEXT,
+            hold_until REAL,
+            reminded_at REAL,
+            expired_at REAL,
+            PRIMARY KEY (rotation_id, position)
+        );
+
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rotation_id INTEGER,
+            step TEXT,
+            event TEXT NOT NULL,
+            from_status TEXT,
+            to_status TEXT,
+            actor TEXT NOT NULL,
+            at REAL NOT NULL,
+            detail TEXT
+        );
+        CREATE INDEX audit_rotation ON audit (rotation_id, id);
+        CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+            BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+        CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+            BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+
+        CREATE TABLE locks (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            until REAL NOT NULL
+        );
+
+        CREATE TABLE kv (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """
+    )
+
+
+# Numbered migrations: append, never edit. PRAGMA user_version records how many ran.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+
+
+@dataclass(frozen=True)
+class StepRow:
+    rotation_id: int
+    position: int
+    name: str
+    title: str
+    destructive: int
+    status: str
+    attempts: int
+    started_at: float | None
+    finished_at: float | None
+    result: str | None
+    error: str | None
+    wait_reason: str | None
+    waiting_since: float | None
+    next_check_at: float | None
+    checks: int
+    gate: str | None
+    gate_summary: str | None
+    gate_destructive: int | None
+    gate_requested_at: float | None
+    decision: str | None
+    decided_by: str | None
+    decided_at: float | None
+    notice_at: float | None
+    notice_ref: str | None
+    hold_until: float | None
+    reminded_at: float | None
+    expired_at: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STEP
+
+    @property
+    def approved(self) -> bool:
+        return self.decision == "approved"
+
+
+@dataclass(frozen=True)
+class RotationRow:
+    id: int
+    kind: str
+    target: str
+    env: str
+    status: str
+    initiator: str
+    params: dict[str, Any]
+    data: dict[str, Any]
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    next_run_at: float | None
+    lease_owner: str | None
+    lease_until: float | None
+    cancel_requested_by: str | None
+    steps: tuple[StepRow, ...] = ()
+
+    @property
+    def current(self) -> StepRow | None:
+        """The first step that has not finished, or None when all have."""
+        return next((s for s in self.steps if not s.finished), None)
+
+    @property
+    def done_count(self) -> int:
+        return sum(1 for s in self.steps if s.finished)
+
+    @property
+    def progress(self) -> str:
+        return f"{self.done_count}/{len(self.steps)} done"
+
+    @property
+    def phase(self) -> str:
+        """What the rotation is doing now, in one word: the current step's status."""
+        if self.status != ACTIVE:
+            return self.status
+        step = self.current
+        return step.status if step else "done"
+
+    def step(self, name_or_position: str | int) -> StepRow:
+        for s in self.steps:
+            if s.name == name_or_position or s.position == name_or_position:
+                return s
+        raise UnknownName(f"rotation {self.id} has no step {name_or_position!r}")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    rotation_id: int | None
+    step: str | None
+    event: str
+    from_status: str | None
+    to_status: str | None
+    actor: str
+    at: float
+    detail: str | None
+
+
+_STEP_FIELDS = [f.name for f in fields(StepRow)]
+_ROTATION_FIELDS = [f.name for f in fields(RotationRow) if f.name != "steps"]
+
+
+def _guard(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, str) and redact.contains_secret(value):
+            raise SecretInState(f"refused to store {key}: it contains a secret value")
+
+
+class Store:
+    """The state DB. Thread-safe: one connection, one lock, short transactions."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float]) -> None:
+        self.path = str(path)
+        self.clock = clock
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                               check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        if self.path != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    def migrate(self) -> int:
+        """Run the migrations this file has not had yet; returns the schema version."""
+        with self.transaction():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                migration(self.db)
+                self.db.execute(f"PRAGMA user_version = {int(number)}")
+            return len(MIGRATIONS)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """BEGIN IMMEDIATE so concurrent writers queue instead of failing half-way."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            else:
+                self.db.execute("COMMIT")
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def audit(self, rotation_id: int | None, event: str, actor: str, *, step: str | None = None,
+              from_status: str | None = None, to_status: str | None = None,
+              detail: str | None = None) -> None:
+        """Append one audit row; call inside the transaction that made the change."""
+        row = {"rotation_id": rotation_id, "step": step, "event": event,
+               "from_status": from_status, "to_status": to_status, "actor": actor,
+               "at": self.clock(), "detail": detail}
+        _guard(row)
+        self.db["audit"].insert(row)
+
+    def create_rotation(self, kind: str, target: str, env: str, initiator: str,
+                        params: dict[str, Any], steps: list[tuple[str, str, bool]]) -> int:
+        now = self.clock()
+        row = {"kind": kind, "target": target, "env": env, "status": ACTIVE,
+               "initiator": initiator, "params": json.dumps(params, sort_keys=True),
+               "data": "{}", "created_at": now, "updated_at": now, "next_run_at": now}
+        _guard(row)
+        with self.transaction() as db:
+            try:
+                rotation_id = db["rotations"].insert(row).last_pk
+            except sqlite3.IntegrityError:
+                active = self.find_active(kind, target, env)
+                raise RotationConflict(
+                    f"{target} in {env} already has an active rotation"
+                    f"{f' (#{active.id}, started by {active.initiator})' if active else ''}"
+                ) from None
+            assert isinstance(rotation_id, int)
+            db["steps"].insert_all(
+                {"rotation_id": rotation_id, "position": i, "name": name, "title": title,
+                 "destructive": int(destructive)}
+                for i, (name, title, destructive) in enumerate(steps))
+            self.audit(rotation_id, "started", initiator, to_status=ACTIVE,
+                       detail=f"{kind} rotation of {target} in {env}")
+        return rotation_id
+
+    def update_rotation(self, rotation_id: int, **values: Any) -> None:
+        if "data" in values:
+            values["data"] = json.dumps(values["data"], sort_keys=True)
+        _guard(values)
+        values["updated_at"] = self.clock()
+        self.db["rotations"].update(rotation_id, values)
+
+    def update_step(self, rotation_id: int, position: int, *, expect: dict[str, Any] | None = None,
+                    **values: Any) -> bool:
+        """Update one step; with `expect`, only if its columns still hold those values (CAS)."""
+        _guard(values)
+        sets = ", ".join(f"[{k}] = ?" for k in values)
+        where = "rotation_id = ? AND position = ?"
+        args: list[Any] = [*values.values(), rotation_id, position]
+        for key, value in (expect or {}).items():
+            if value is None:
+                where += f" AND [{key}] IS NULL"
+            else:
+                where += f" AND [{key}] = ?"
+                args.append(value)
+        cursor = self.db.execute(f"UPDATE steps SET {sets} WHERE {where}", args)
+        return cursor.rowcount == 1
+
+    def claim(self, rotation_id: int, owner: str, until: float, *,
+              is_stale: Callable[[str], bool]) -> bool:
+        """Take the rotation's lease: free, expired, ours, or held by a dead process."""
+        with self.transaction() as db:
+            row = db.execute("SELECT lease_owner, lease_until FROM rotations WHERE id = ?",
+                             [rotation_id]).fetchone()
+            if row is None:
+                return False
+            holder, held_until = row
+            if holder and holder != owner and held_until > self.clock() and not is_stale(holder):
+                return False
+            db.execute("UPDATE rotations SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                       [owner, until, rotation_id])
+            return True
+
+    def release(self, rotation_id: int, owner: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE rotations SET lease_owner = NULL, lease_until = NULL "
+                       "WHERE id = ? AND lease_owner = ?", [rotation_id, owner])
+
+    def try_lock(self, name: str, owner: str, until: float) -> bool:
+        """A named lock across processes (scheduler slots, singleton jobs)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT owner, until FROM locks WHERE name = ?", [name]).fetchone()
+            if row and row[0] != owner and row[1] > self.clock():
+                return False
+            db.execute("INSERT OR REPLACE INTO locks (name, owner, until) VALUES (?, ?, ?)",
+                       [name, owner, until])
+            return True
+
+    def get_kv(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+
+    def set_kv(self, key: str, value: str) -> None:
+        _guard({key: value})
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", [key, value])
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def rotation(self, rotation_id: int) -> RotationRow:
+        with self._lock:
+            row = self.db.execute(
+                f"SELECT {', '.join(_ROTATION_FIELDS)} FROM rotations WHERE id = ?",
+                [rotation_id]).fetchone()
+            if row is None:
+                raise UnknownName(f"no rotation #{rotation_id}")
+            steps = self.db.execute(
+                f"SELECT {', '.join(_STEP_FIELDS)} FROM steps WHERE rotation_id = ? "
+                "ORDER BY position", [rotation_id]).fetchall()
+        values = dict(zip(_ROTATION_FIELDS, row, strict=True))
+        values["params"] = json.loads(values["params"])
+        values["data"] = json.loads(values["data"])
+        return RotationRow(**values, steps=tuple(
+            StepRow(**dict(zip(_STEP_FIELDS, s, strict=True))) for s in steps))
+
+    def _ids(self, query: str, args: list[Any]) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self.db.execute(query, args).fetchall()]
+
+    def find_active(self, kind: str, target: str, env: str) -> RotationRow | None:
+        ids = self._ids("SELECT id FROM rotations WHERE kind = ? AND target = ? AND env = ? "
+                        "AND status = 'active'", [kind, target, env])
+        return self.rotation(ids[0]) if ids else None
+
+    def active(self) -> list[RotationRow]:
+        return [self.rotation(i) for i in
+                self._ids("SELECT id FROM rotations WHERE status = 'active' ORDER BY id", [])]
+
+    def recent(self, limit: int = 20) -> list[RotationRow]:
+        return [self.rotation(i) for i in
+                self._ids("SELECT id FROM rotations ORDER BY id DESC LIMIT ?", [limit])]
+
+    def latest_for(self, target: str, env: str) -> RotationRow | None:
+        ids = self._ids("SELECT id FROM rotations WHERE target = ? AND env = ? "
+                        "ORDER BY id DESC LIMIT 1", [target, env])
+        return self.rotation(ids[0]) if ids else None
+
+    def due(self, now: float) -> list[int]:
+        return self._ids("SELECT id FROM rotations WHERE status = 'active' AND next_run_at "
+                         "IS NOT NULL AND next_run_at <= ? ORDER BY next_run_at", [now])
+
+    def next_due_at(self) -> float | None:
+        with self._lock:
+            row = self.db.execute("SELECT MIN(next_run_at) FROM rotations "
+                                  "WHERE status = 'active'").fetchone()
+        return row[0] if row else None
+
+    def audit_rows(self, rotation_id: int | None = None, after: int = 0,
+                   limit: int = 1000) -> list[AuditRow]:
+        query = ("SELECT id, rotation_id, step, event, from_status, to_status, actor, at, detail "
+                 "FROM audit WHERE id > ?")
+        args: list[Any] = [after]
+        if rotation_id is not None:
+            query += " AND rotation_id = ?"
+            args.append(rotation_id)
+        with self._lock:
+            rows = self.db.execute(query + " ORDER BY id LIMIT ?", [*args, limit]).fetchall()
+        return [AuditRow(*r) for r in rows]

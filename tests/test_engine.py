@@ -1,0 +1,364 @@
+"""The engine on its own: a scripted kind, an injected clock, a real SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from rotation import catalogue, redact
+from rotation.engine import Context, Done, Engine, Outcome, Skipped, Step, Wait
+from rotation.errors import InvalidTransition, NotAllowed, RotationConflict, StepFailed
+from rotation.store import MIGRATIONS, Store
+
+CATALOGUE = catalogue.parse("""
+environments:
+  staging: {aws_region: eu-west-1}
+  production: {aws_region: eu-west-1}
+apps:
+  signon: {engine: mysql}
+  whitehall: {engine: mysql}
+slack: {hold_seconds: 60}
+waits: {first_check: 1, max_check: 8}
+""")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class ScriptedKind:
+    """Steps whose behaviour each test scripts; records every call."""
+
+    script: dict[str, Callable[[Context], Outcome]]
+    destructive: set[str] = field(default_factory=set)
+    calls: list[str] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+    name: str = "mysql"
+
+    def validate(self, catalogue: Any, target: str, env: str, params: Any) -> None:
+        catalogue.app(target)
+
+    def steps(self, catalogue: Any, target: str, env: str, params: Any) -> list[Step]:
+        def wrap(name: str, fn: Callable[[Context], Outcome]) -> Callable[[Context], Outcome]:
+            def run(ctx: Context) -> Outcome:
+                self.calls.append(name)
+                return fn(ctx)
+            return run
+        return [Step(n, f"step {n}", wrap(n, fn), destructive=n in self.destructive)
+                for n, fn in self.script.items()]
+
+    def cancel(self, ctx: Context) -> str:
+        self.cancelled.append(ctx.rotation.id)
+        return "nothing to undo"
+
+
+class Notices:
+    def __init__(self) -> None:
+        self.posted: list[str] = []
+        self.fail = False
+
+    def notify(self, rotation: Any, step: Any, summary: str, approved_by: str) -> str:
+        if self.fail:
+            raise ConnectionError("slack is down")
+        self.posted.append(f"{step.name}: {summary} ({approved_by})")
+        return "https://slack.example/archives/C2/p1"
+
+
+def done(ctx: Context) -> Outcome:
+    return Done("ok")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make(tmp_path: Any, clock: Clock, script: dict[str, Callable[[Context], Outcome]],
+         destructive: set[str] | None = None, notices: Notices | None = None,
+         ) -> tuple[Engine, ScriptedKind]:
+    kind = ScriptedKind(script, destructive or set())
+    store = Store(tmp_path / "state.db", clock=clock)
+    return Engine(store, CATALOGUE, {"mysql": kind}, clients=None, second_line=notices,
+                  clock=clock), kind
+
+
+def test_steps_run_in_order_and_the_rotation_finishes(tmp_path, clock):
+    engine, kind = make(tmp_path, clock, {"a": done, "b": lambda c: Skipped("nothing"),
+                                          "c": done})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    final = engine.advance(rotation.id)
+    assert kind.calls == ["a", "b", "c"]
+    assert final.status == "done"
+    assert [s.status for s in final.steps] == ["done", "skipped", "done"]
+    events = [(r.event, r.step, r.to_status) for r in engine.store.audit_rows(rotation.id)]
+    assert events[0] == ("started", None, "active")
+    assert ("step", "b", "skipped") in events and events[-1][0] == "finished"
+
+
+def test_one_active_rotation_per_app_and_environment(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"a": lambda c: Wait("x", 100)})
+    first = engine.start("mysql", "signon", "staging", "U1")
+    with pytest.raises(RotationConflict, match=f"#{first.id}, started by U1"):
+        engine.start("mysql", "signon", "staging", "U2")
+    engine.start("mysql", "signon", "production", "U2")  # another environment is fine
+    engine.start("mysql", "whitehall", "staging", "U2")  # and another app
+    # The database itself refuses a second active row, whatever the code above it does.
+    with pytest.raises(sqlite3.IntegrityError):
+        engine.store.db.execute("INSERT INTO rotations (kind, target, env, status, initiator, "
+                                "created_at, updated_at) VALUES ('mysql', 'signon', 'staging',"
+                                " 'active', 'x', 0, 0)")
+
+
+def test_waits_back_off_up_to_the_maximum(tmp_path, clock):
+    engine, kind = make(tmp_path, clock, {"a": lambda c: Wait("sync", 1000)})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    delays = []
+    for _ in range(6):
+        step = engine.advance(rotation.id).steps[0]
+        assert engine.store.rotation(rotation.id).next_run_at == step.next_check_at
+        delays.append(step.next_check_at - clock.now)
+        clock.now = step.next_check_at
+    assert delays == [1, 2, 4, 8, 8, 8]
+    assert kind.calls == ["a"] * 6
+    waits = [r for r in engine.store.audit_rows(rotation.id) if r.event == "waiting"]
+    assert len(waits) == 1  # re-checks are not transitions
+
+
+def test_a_wait_past_its_timeout_fails_the_step_with_the_reason(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"a": lambda c: Wait("the ExternalSecret to sync", 30)})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(rotation.id)
+    clock.advance(31)
+    step = engine.advance(rotation.id).steps[0]
+    assert step.status == "failed"
+    assert step.error == "timed out after 30s waiting for the ExternalSecret to sync"
+
+
+def test_a_waiting_step_is_not_due_before_its_next_check(tmp_path, clock):
+    engine, kind = make(tmp_path, clock, {"a": lambda c: Wait("x", 100)})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.tick()
+    assert engine.tick() == pytest.approx(1.0)
+    engine.advance(rotation.id)
+    assert kind.calls == ["a"]
+    clock.advance(1)
+    engine.tick()
+    assert kind.calls == ["a", "a"]
+
+
+def gated(ctx: Context) -> Outcome:
+    ctx.approve("Drop user signon", gate="drop")
+    return Done("dropped")
+
+
+def test_approval_gate_stops_until_someone_else_approves(tmp_path, clock):
+    engine, kind = make(tmp_path, clock, {"a": done, "drop": gated})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    row = engine.advance(rotation.id)
+    assert row.phase == "needs-approval" and row.current.gate_summary == "Drop user signon"
+    assert row.next_run_at is None  # the worker leaves it alone until a person decides
+    engine.approve(rotation.id, "drop", "U2")
+    final = engine.advance(rotation.id)
+    assert final.status == "done" and final.steps[1].decided_by == "U2"
+    assert kind.calls == ["a", "drop", "drop"]
+
+
+def test_four_eyes_refuses_self_approval_in_production_only(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"drop": gated})
+    prod = engine.start("mysql", "signon", "production", "U1")
+    engine.advance(prod.id)
+    with pytest.raises(NotAllowed, match="second person"):
+        engine.approve(prod.id, "drop", "U1")
+    assert engine.store.rotation(prod.id).current.decision is None  # nothing changed
+    staging = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(staging.id)
+    engine.approve(staging.id, "drop", "U1")
+
+
+def test_a_double_click_approves_once(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"drop": gated})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(rotation.id)
+    engine.approve(rotation.id, "drop", "U2")
+    with pytest.raises(InvalidTransition, match="not waiting for approval"):
+        engine.approve(rotation.id, "drop", "U3")
+    approvals = [r for r in engine.store.audit_rows(rotation.id) if r.event == "approved"]
+    assert [r.actor for r in approvals] == ["U2"]
+
+
+def test_reject_stops_and_retry_asks_again(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"drop": gated})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(rotation.id)
+    row = engine.reject(rotation.id, "drop", "U2")
+    assert row.current.status == "failed" and row.current.error == "rejected by U2"
+    engine.retry(rotation.id, "U1")
+    assert engine.advance(rotation.id).phase == "needs-approval"
+
+
+def test_destructive_gate_in_production_tells_second_line_first_then_holds(tmp_path, clock):
+    notices = Notices()
+    engine, kind = make(tmp_path, clock, {"drop": gated}, destructive={"drop"},
+                        notices=notices)
+    rotation = engine.start("mysql", "signon", "production", "U1")
+    engine.advance(rotation.id)
+    engine.approve(rotation.id, "drop", "U2")
+    row = engine.advance(rotation.id)
+    assert notices.posted == ["drop: Drop user signon (U2)"]
+    assert row.current.status == "waiting" and "hold period" in row.current.wait_reason
+    assert kind.calls == ["drop", "drop"]  # asked, then notified; the drop itself not yet
+    clock.advance(61)
+    assert engine.advance(rotation.id).status == "done"
+    assert len(notices.posted) == 1
+
+
+def test_second_line_can_hold_a_destructive_step(tmp_path, clock):
+    notices = Notices()
+    engine, _ = make(tmp_path, clock, {"drop": gated}, destructive={"drop"}, notices=notices)
+    rotation = engine.start("mysql", "signon", "production", "U1")
+    engine.advance(rotation.id)
+    engine.approve(rotation.id, "drop", "U2")
+    engine.advance(rotation.id)
+    row = engine.hold(rotation.id, "drop", "U9")
+    assert row.phase == "needs-approval" and row.current.decision is None
+    clock.advance(120)
+    assert engine.advance(rotation.id).phase == "needs-approval"
+
+
+def test_slack_down_keeps_the_approval_and_retries_the_notice(tmp_path, clock):
+    notices = Notices()
+    notices.fail = True
+    engine, _ = make(tmp_path, clock, {"drop": gated}, destructive={"drop"}, notices=notices)
+    rotation = engine.start("mysql", "signon", "production", "U1")
+    engine.advance(rotation.id)
+    engine.approve(rotation.id, "drop", "U2")
+    row = engine.advance(rotation.id)
+    assert row.current.status == "waiting" and row.current.decision == "approved"
+    notices.fail = False
+    clock.advance(31)
+    engine.advance(rotation.id)
+    clock.advance(61)
+    assert engine.advance(rotation.id).status == "done"
+
+
+def test_no_notifier_means_no_destructive_step_in_production(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"drop": gated}, destructive={"drop"})
+    rotation = engine.start("mysql", "signon", "production", "U1")
+    engine.advance(rotation.id)
+    engine.approve(rotation.id, "drop", "U2")
+    step = engine.advance(rotation.id).current
+    assert step.status == "failed" and "2nd line must be told" in step.error
+
+
+def test_a_step_interrupted_by_a_crash_resumes_with_its_data(tmp_path, clock):
+    def pick_name(ctx: Context) -> Outcome:
+        if "name" not in ctx.data:
+            ctx.data["name"] = "signon_user_1"
+            ctx.save()
+            raise KeyboardInterrupt  # the process dies half-way through the step
+        return Done(ctx.data["name"])
+
+    engine, _ = make(tmp_path, clock, {"create": pick_name, "next": done})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    with pytest.raises(KeyboardInterrupt):
+        engine.advance(rotation.id)
+    # A new process: same state file, new worker id.
+    engine2, _ = make(tmp_path, clock, {"create": pick_name, "next": done})
+    final = engine2.advance(rotation.id)
+    assert final.status == "done"
+    assert final.steps[0].attempts == 2 and final.steps[0].result == "signon_user_1"
+    assert any(r.event == "resumed" for r in engine2.store.audit_rows(rotation.id))
+
+
+def test_a_live_lease_keeps_a_second_worker_out(tmp_path, clock):
+    engine, kind = make(tmp_path, clock, {"a": done})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    assert engine.store.claim(rotation.id, "otherhost:1:abc", clock() + 60,
+                              is_stale=lambda holder: False)
+    assert engine.advance(rotation.id).phase == "pending"
+    assert kind.calls == []
+    clock.advance(61)
+    assert engine.advance(rotation.id).status == "done"
+
+
+def test_a_failed_step_stops_and_retry_runs_it_again(tmp_path, clock):
+    attempts: list[int] = []
+
+    def flaky(ctx: Context) -> Outcome:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise StepFailed("admin login refused")
+        return Done("ok")
+
+    engine, _ = make(tmp_path, clock, {"a": flaky, "b": done})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    row = engine.advance(rotation.id)
+    assert row.phase == "failed" and row.current.error == "admin login refused"
+    engine.retry(rotation.id, "U1")
+    assert engine.advance(rotation.id).status == "done"
+    with pytest.raises(InvalidTransition, match="is done"):
+        engine.retry(rotation.id, "U1")
+
+
+def test_cancel_runs_the_kinds_cancel_and_frees_the_app(tmp_path, clock):
+    engine, kind = make(tmp_path, clock, {"a": lambda c: Wait("x", 100)})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(rotation.id)
+    row = engine.cancel(rotation.id, "U2")
+    assert row.status == "cancelled" and kind.cancelled == [rotation.id]
+    assert engine.store.audit_rows(rotation.id)[-1].detail == "nothing to undo"
+    engine.start("mysql", "signon", "staging", "U1")
+    with pytest.raises(InvalidTransition, match="cancelled"):
+        engine.approve(rotation.id, "a", "U2")
+
+
+def test_expired_approvals_pause_and_can_be_asked_again(tmp_path, clock):
+    engine, _ = make(tmp_path, clock, {"drop": gated})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(rotation.id)
+    clock.advance(3600)
+    assert [r.id for r in engine.expire_approvals(older_than=clock() - 60)] == [rotation.id]
+    with pytest.raises(InvalidTransition, match="expired"):
+        engine.approve(rotation.id, "drop", "U2")
+    engine.ask_again(rotation.id, "drop", "U1")
+    engine.approve(rotation.id, "drop", "U2")
+    assert engine.advance(rotation.id).status == "done"
+
+
+def test_a_secret_never_reaches_the_state_db(tmp_path, clock):
+    secret = "Zs8Qm2LrT4vX9pKc"
+    redact.register(secret)
+
+    def leaky(ctx: Context) -> Outcome:
+        ctx.data["oops"] = secret
+        return Done(f"password is {secret}")
+
+    engine, _ = make(tmp_path, clock, {"a": leaky})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    row = engine.advance(rotation.id)
+    assert row.phase == "failed"
+    dump = "\n".join(engine.store.db.iterdump())
+    assert secret not in dump
+
+
+def test_audit_is_append_only_and_migrations_run_once(tmp_path, clock):
+    store = Store(tmp_path / "s.db", clock=clock)
+    store.audit(None, "note", "U1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.db.execute("UPDATE audit SET actor = 'x'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.db.execute("DELETE FROM audit")
+    again = Store(tmp_path / "s.db", clock=clock)
+    assert again.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
