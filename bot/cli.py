@@ -1,0 +1,263 @@
+"""The `rotor` command: the break-glass path when Slack is down, and the way to run the bot."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+
+from bot.settings import Settings
+from bot.wiring import build_engine, setup_logging
+from rotation.engine import Engine
+from rotation.errors import RotorError
+from rotation.store import ACTIVE, AuditRow, RotationRow
+
+SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
+          "running": "▸", "pending": " "}
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"rotor: {message}", err=True)
+    sys.exit(code)
+
+
+class _Obj:
+    """Settings and engine, made on first use so `--help` needs no config."""
+
+    def __init__(self, config: str | None) -> None:
+        self.config = config
+        self._settings: Settings | None = None
+        self._engine: Engine | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.load(config_path=self.config)
+            setup_logging(self._settings.log_level)
+        return self._settings
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from bot.notify import second_line_for_cli
+
+            self._engine = build_engine(self.settings,
+                                        second_line=second_line_for_cli(self.settings))
+        return self._engine
+
+
+class _Group(click.Group):
+    """Every RotorError becomes one line on stderr and exit 1; nothing else is caught."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RotorError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Group)
+@click.option("--config", envvar="ROTOR_CONFIG", metavar="PATH",
+              help="The catalogue (default ./rotor.yml).")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """Rotor: safe, resumable, audited credential rotations."""
+    ctx.obj = _Obj(config)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+
+
+def _audit_line(row: AuditRow) -> str:
+    mark = {"step": SYMBOL.get(row.to_status or "", "·"), "waiting": "…",
+            "approval-requested": "?", "approved": "✓", "rejected": "✗",
+            "finished": "✓", "cancelled": "✗"}.get(row.event, "·")
+    what = row.step or row.event
+    label = row.event if row.event not in ("step",) else (row.to_status or "")
+    detail = f": {row.detail}" if row.detail else ""
+    return f"{mark} {what} {label}{detail}" + (f" (by {row.actor})" if row.actor != "rotor" else "")
+
+
+def _print_status(rotation: RotationRow) -> None:
+    click.echo(f"#{rotation.id} {rotation.kind} {rotation.target} in {rotation.env}: "
+               f"{rotation.phase}, {rotation.progress} (started by {rotation.initiator} "
+               f"{_when(rotation.created_at)})")
+    for step in rotation.steps:
+        line = f"  {SYMBOL[step.status]} {step.position + 1:>2}. {step.name:<16} {step.status}"
+        note = step.error or step.wait_reason or step.gate_summary or step.result
+        if step.status == "waiting" and step.waiting_since:
+            note = f"{step.wait_reason} (since {_when(step.waiting_since)})"
+        click.echo(line + (f"  {note}" if note and not step.finished else ""))
+
+
+@main.command()
+@click.argument("app")
+@click.argument("env")
+@click.pass_obj
+def plan(obj: _Obj, app: str, env: str) -> None:
+    """Show the steps and what preflight finds. Changes nothing."""
+    engine = obj.engine
+    kind = engine.catalogue.app(app).engine
+    steps, found = engine.plan(kind, app, env)
+    click.echo(f"{kind} rotation of {app} in {env}:")
+    for i, step in enumerate(steps, 1):
+        mark = "  [destructive, needs approval]" if step.destructive else ""
+        click.echo(f"  {i:>2}. {step.name:<16} {step.title}{mark}")
+    click.echo(f"preflight: {found}")
+
+
+def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
+    """Run the rotation in the foreground until it finishes or needs someone else."""
+    seen = max((r.id for r in engine.store.audit_rows(rotation_id)), default=0)
+    wake = threading.Event()
+    engine.on_change = lambda _id: wake.set()
+    waiting_shown = ""
+    while True:
+        rotation = engine.advance(rotation_id)
+        for row in engine.store.audit_rows(rotation_id, after=seen):
+            if waiting_shown:
+                click.echo()
+                waiting_shown = ""
+            click.echo(_audit_line(row))
+            seen = row.id
+        if rotation.status != ACTIVE:
+            if rotation.status == "done":
+                click.echo(f"rotation #{rotation.id} done: {rotation.progress}")
+                sys.exit(0)
+            _fail(f"rotation #{rotation.id} was {rotation.status}")
+        step = rotation.current
+        assert step is not None
+        if step.status == "failed":
+            _fail(f"rotation #{rotation.id} stopped at {step.name}: {step.error} "
+                  f"(`rotor retry {rotation.id}` or `rotor cancel {rotation.id}`)")
+        if step.status == "needs-approval" and step.decision is None:
+            if engine.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
+                if waiting_shown != "approval":
+                    click.echo(f"? {step.name} needs a second person in {rotation.env}: "
+                               f"`rotor approve {rotation.id}` (Ctrl-C leaves it resumable)")
+                    waiting_shown = "approval"
+                wake.wait(1.0)
+                wake.clear()
+                continue
+            if yes or click.confirm(f"? {step.gate_summary}\n  Approve?", default=False):
+                engine.approve(rotation.id, step.name, actor)
+            else:
+                engine.reject(rotation.id, step.name, actor)
+            continue
+        delay = max(0.0, (step.next_check_at or engine.clock()) - engine.clock())
+        if step.status == "waiting":
+            waited = int(engine.clock() - (step.waiting_since or engine.clock()))
+            line = f"… {step.name}: waiting for {step.wait_reason} ({waited}s)"
+            if sys.stdout.isatty():
+                click.echo(f"\r{line:<100}", nl=False)
+                waiting_shown = "wait"
+            elif waiting_shown != step.wait_reason:
+                click.echo(line)
+                waiting_shown = step.wait_reason or ""
+        # An Event, not a sleep: approvals from another process wake us on the next poll.
+        wake.wait(min(delay, 1.0))
+        wake.clear()
+
+
+@main.command()
+@click.argument("app")
+@click.argument("env")
+@click.option("--yes", is_flag=True, help="Approve every gate you are allowed to approve.")
+@click.option("--compromised", is_flag=True,
+              help="Credentials are compromised: no overnight wait; every restored copy too.")
+@click.pass_obj
+def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
+    """Start, or resume, the rotation of APP in ENV in the foreground."""
+    engine = obj.engine
+    kind = engine.catalogue.app(app).engine
+    actor = obj.settings.actor
+    active = engine.store.find_active(kind, app, env)
+    if active is not None:
+        click.echo(f"resuming rotation #{active.id} ({active.phase}, {active.progress})")
+        rotation_id = active.id
+    else:
+        params = {"compromised": True} if compromised else {}
+        rotation_id = engine.start(kind, app, env, actor, params).id
+        click.echo(f"started rotation #{rotation_id}: {kind} {app} in {env}")
+    try:
+        _drive(engine, rotation_id, actor, yes)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; rotation #{rotation_id} is resumable with "
+              f"`rotor rotate {app} {env}`", 130)
+
+
+@main.command()
+@click.argument("rotation_id", type=int, required=False)
+@click.pass_obj
+def status(obj: _Obj, rotation_id: int | None) -> None:
+    """Show one rotation, or every active one and the most recent."""
+    store = obj.engine.store
+    if rotation_id is not None:
+        _print_status(store.rotation(rotation_id))
+        return
+    rows = store.active() or store.recent(10)
+    if not rows:
+        click.echo("no rotations yet")
+    for row in rows:
+        _print_status(row)
+
+
+@main.command()
+@click.argument("rotation_id", type=int)
+@click.pass_obj
+def retry(obj: _Obj, rotation_id: int) -> None:
+    """Run a rotation's failed step again."""
+    rotation = obj.engine.retry(rotation_id, obj.settings.actor)
+    click.echo(f"rotation #{rotation.id}: retrying {rotation.current.name if rotation.current else '-'}"
+               f"; continue it with `rotor rotate {rotation.target} {rotation.env}`")
+
+
+@main.command()
+@click.argument("rotation_id", type=int)
+@click.pass_obj
+def cancel(obj: _Obj, rotation_id: int) -> None:
+    """Cancel a rotation, leaving the app on credentials that work."""
+    rotation = obj.engine.cancel(rotation_id, obj.settings.actor)
+    if rotation.status == "cancelled":
+        detail = obj.engine.store.audit_rows(rotation_id)[-1].detail
+        click.echo(f"rotation #{rotation.id} cancelled: {detail}")
+    else:
+        click.echo(f"rotation #{rotation.id}: cancel requested; the worker running it will "
+                   "finish the cancel")
+
+
+@main.command()
+@click.argument("rotation_id", type=int)
+@click.option("--reject", is_flag=True, help="Reject instead of approving.")
+@click.pass_obj
+def approve(obj: _Obj, rotation_id: int, reject: bool) -> None:
+    """Approve (or reject) the step a rotation is waiting on, as a second person."""
+    engine = obj.engine
+    rotation = engine.store.rotation(rotation_id)
+    step = rotation.current
+    if step is None or step.status != "needs-approval":
+        _fail(f"rotation #{rotation_id} is not waiting for an approval ({rotation.phase})")
+    click.echo(f"#{rotation_id} {step.name}: {step.gate_summary}")
+    if reject:
+        engine.reject(rotation_id, step.name, obj.settings.actor)
+        click.echo("rejected")
+    else:
+        engine.approve(rotation_id, step.name, obj.settings.actor)
+        click.echo("approved")
+
+
+@main.command()
+@click.pass_obj
+def serve(obj: _Obj) -> None:
+    """Run the Slack bot, the engine's workers and the scheduler in one process."""
+    from bot.serve import run
+
+    run(obj.settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,46 @@
+"""Telling 2nd line before anything destructive runs, through Slack's Web API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.settings import Settings
+from rotation.store import RotationRow, StepRow
+
+
+class SlackSecondLine:
+    """Posts the 2nd line notice; returns a link to it (the step waits until this returns)."""
+
+    def __init__(self, client: Any, channel: str, group: str | None = None,
+                 thread_link: Any = None) -> None:
+        self.client = client
+        self.channel = channel
+        self.group = group
+        self.thread_link = thread_link or (lambda rotation: None)
+
+    def notify(self, rotation: RotationRow, step: StepRow, summary: str,
+               approved_by: str) -> str:
+        from handlers import messages
+
+        link = self.thread_link(rotation)
+        text, blocks = messages.second_line_notice(rotation, step, summary, approved_by,
+                                                   self.group, link)
+        response = self.client.chat_postMessage(channel=self.channel, text=text, blocks=blocks)
+        try:
+            permalink = self.client.chat_getPermalink(channel=response["channel"],
+                                                      message_ts=response["ts"])["permalink"]
+        except Exception:  # the notice is posted; a missing link does not un-post it
+            permalink = f"{response['channel']}/{response['ts']}"
+        return str(permalink)
+
+
+def second_line_for_cli(settings: Settings) -> SlackSecondLine | None:
+    """With a bot token the CLI tells 2nd line through Slack too; without, it cannot."""
+    if not settings.slack_bot_token:
+        return None
+    from slack_sdk import WebClient
+
+    client = WebClient(token=settings.slack_bot_token,
+                       base_url=settings.slack_api_url or WebClient.BASE_URL)
+    slack = settings.catalogue.slack
+    return SlackSecondLine(client, slack.second_line_channel, slack.second_line_group)

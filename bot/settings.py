@@ -1,0 +1,48 @@
+"""One frozen settings object, built once from the environment and `rotor.yml`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from rotation import catalogue as catalogue_module
+from rotation.catalogue import Catalogue
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: str
+    state_path: str
+    catalogue: Catalogue
+    kubeconfig: str | None = None
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_app_token: str | None = field(default=None, repr=False)
+    slack_signing_secret: str | None = field(default=None, repr=False)
+    slack_api_url: str | None = None
+    port: int = 3000
+    log_level: str = "INFO"
+    actor: str = "cli"
+    # "module:attribute" naming a dict of extra rotation kinds (tests and plug-ins).
+    extra_kinds: str | None = None
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None,
+             config_path: str | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        path = config_path or env.get("ROTOR_CONFIG") or "rotor.yml"
+        user = env.get("ROTOR_ACTOR") or env.get("USER") or "unknown"
+        return cls(
+            config_path=path,
+            state_path=env.get("ROTOR_STATE") or "rotor.db",
+            catalogue=catalogue_module.load(path),
+            kubeconfig=env.get("KUBECONFIG") or None,
+            slack_bot_token=env.get("SLACK_BOT_TOKEN") or None,
+            slack_app_token=env.get("SLACK_APP_TOKEN") or None,
+            slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
+            slack_api_url=env.get("SLACK_API_URL") or None,
+            port=int(env.get("PORT") or 3000),
+            log_level=env.get("ROTOR_LOG_LEVEL") or "INFO",
+            actor=f"cli:{user}",
+            extra_kinds=env.get("ROTOR_EXTRA_KINDS") or None,
+        )

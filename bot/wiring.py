@@ -1,0 +1,47 @@
+"""Puts Rotor together: store, engine, kinds, clients, logging. Nothing runs at import."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bot.settings import Settings
+from rotation import mysql
+from rotation.clients import Clients
+from rotation.engine import Engine, Kind, SecondLine
+from rotation.redact import RedactingFilter
+from rotation.store import Store
+
+
+def kinds(extra: str | None = None) -> dict[str, Kind]:
+    """The rotation kinds this process runs, plus any named by ROTOR_EXTRA_KINDS."""
+    found: dict[str, Kind] = {mysql.KIND.name: mysql.KIND}
+    if extra:
+        module_name, _, attribute = extra.partition(":")
+        found.update(getattr(importlib.import_module(module_name), attribute or "KINDS"))
+    return found
+
+
+def setup_logging(level: str = "INFO", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Client libraries log request bodies at DEBUG; keep them out of Rotor's log.
+    for noisy in ("botocore", "boto3", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_engine(settings: Settings, *, clients: Any = None,
+                 second_line: SecondLine | None = None,
+                 clock: Callable[[], float] = time.time) -> Engine:
+    store = Store(settings.state_path, clock=clock)
+    return Engine(store, settings.catalogue, kinds(settings.extra_kinds),
+                  clients or Clients(settings.catalogue, kubeconfig=settings.kubeconfig),
+                  second_line=second_line, clock=clock)

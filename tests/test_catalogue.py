@@ -1,0 +1,84 @@
+"""rotor.yml: conventions, overrides, and errors that name the key and what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from rotation import catalogue
+from rotation.errors import ConfigError, UnknownName
+
+ISSUE_EXAMPLE = """
+environments:
+  staging:    {aws_region: eu-west-1}
+  production: {aws_region: eu-west-1, aws_role_arn: "arn:aws:iam::111111111111:role/rotor", kube_context: production}
+apps:
+  signon: {engine: mysql}
+"""
+
+
+def test_a_typical_app_is_one_line_with_every_default_resolved():
+    target = catalogue.parse(ISSUE_EXAMPLE).target("signon", "production")
+    assert target.secret == "govuk/signon/mysql"
+    assert target.admin_secret == "production-rds-admin-passwords"
+    assert (target.admin_key, target.admin_user) == ("signon", "aws_db_admin")
+    assert (target.namespace, target.external_secret) == ("apps", "signon-mysql")
+    assert (target.deployment, target.container, target.secret_key) == ("signon", "app",
+                                                                        "DATABASE_URL")
+
+
+def test_overrides_per_app_and_per_app_and_environment():
+    cat = catalogue.parse(ISSUE_EXAMPLE.replace(
+        "signon: {engine: mysql}",
+        "signon:\n    engine: mysql\n    admin_key: signon-mysql\n    environments:\n"
+        "      production: {deployment: signon-web, admin_key: blue-mysql}"))
+    assert cat.target("signon", "staging").admin_key == "signon-mysql"
+    assert cat.target("signon", "staging").deployment == "signon"
+    prod = cat.target("signon", "production")
+    assert (prod.admin_key, prod.deployment) == ("blue-mysql", "signon-web")
+
+
+def test_production_defaults_to_four_eyes_and_second_line():
+    cat = catalogue.parse(ISSUE_EXAMPLE)
+    assert cat.four_eyes("production") and cat.notify_second_line("production")
+    assert not cat.four_eyes("staging") and not cat.notify_second_line("staging")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("apps: {}", "rotor.yml: environments: Field required"),
+    ("environments: {staging: {}}", "rotor.yml: environments.staging.aws_region: Field required"),
+    (ISSUE_EXAMPLE.replace("engine: mysql", "engine: oracle"),
+     "rotor.yml: apps.signon.engine: Input should be 'mysql' or 'postgres'"),
+    (ISSUE_EXAMPLE.replace("engine: mysql", "engine: mysql, colour: red"),
+     "rotor.yml: apps.signon.colour: unknown key"),
+    (ISSUE_EXAMPLE.replace("signon:", "'sign on;':"),
+     "rotor.yml: apps: name 'sign on;' must be lower-case letters, digits and hyphens"),
+    ("environments: [1, 2", "rotor.yml line 1: not valid YAML"),
+    ("- just a list", "rotor.yml: expected a mapping"),
+    ("environments:\n  staging: {aws_region: x, restored_from: production, restore_time: '03:00'}",
+     "rotor.yml: environments.staging.restored_from: no environment named 'production'"),
+    ("environments:\n  staging: {aws_region: x, timezone: Mars/Olympus}",
+     "rotor.yml: environments.staging.timezone: unknown timezone 'Mars/Olympus'"),
+])
+def test_a_bad_catalogue_names_the_key_and_what_is_wrong(text, message):
+    with pytest.raises(ConfigError) as err:
+        catalogue.parse(text)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_names_suggest_the_closest():
+    cat = catalogue.parse(ISSUE_EXAMPLE)
+    with pytest.raises(UnknownName, match="unknown app 'sigon' \\(did you mean 'signon'\\?\\)"):
+        cat.target("sigon", "staging")
+    with pytest.raises(UnknownName, match="did you mean 'production'"):
+        cat.environment("prodution")
+
+
+def test_a_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(ConfigError, match="no such file \\(set --config or ROTOR_CONFIG\\)"):
+        catalogue.load(tmp_path / "nope.yml")
+
+
+def test_the_shipped_catalogue_is_valid():
+    cat = catalogue.load("rotor.yml")
+    assert "signon" in cat.apps
