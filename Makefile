@@ -1,0 +1,28 @@
+# `make run` starts Rotor; `make test` runs the whole check chain (what CI runs).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+$(BIN)/rotor: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+.PHONY: run test lint format bench
+run: $(BIN)/rotor
+	$(BIN)/rotor serve
+
+lint: $(BIN)/rotor
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+format: $(BIN)/rotor
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(BIN)/rotor
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
