@@ -57,10 +57,11 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Wait:
-    """Not yet: re-check later with backoff; fail once `timeout` seconds have passed."""
+    """Not yet: re-check later with backoff (or at `check_at`); fail after `timeout` seconds."""
 
     reason: str
     timeout: float
+    check_at: float | None = None
 
 
 Outcome = Done | Skipped | Wait
@@ -370,7 +371,7 @@ class Engine:
                     self._fail(ctx, f"timed out after {int(outcome.timeout)}s waiting for "
                                     f"{outcome.reason}")
                 else:
-                    self._wait(ctx, outcome.reason)
+                    self._wait(ctx, outcome.reason, until=outcome.check_at)
             else:
                 self._complete(ctx, outcome)
 

@@ -158,6 +158,20 @@ def test_a_waiting_step_is_not_due_before_its_next_check(tmp_path, clock):
     assert kind.calls == ["a", "a"]
 
 
+def test_a_wait_can_name_when_to_check_again(tmp_path, clock):
+    restore = clock() + 6 * 3600
+    engine, kind = make(tmp_path, clock, {"overnight": lambda c: Done("restored")
+                                          if c.now() >= restore else
+                                          Wait("the overnight restore", 86400, check_at=restore)})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    assert engine.advance(rotation.id).current.next_check_at == restore
+    assert engine.tick() == pytest.approx(6 * 3600)
+    clock.now = restore
+    engine.tick()
+    assert engine.store.rotation(rotation.id).status == "done"
+    assert kind.calls == ["overnight", "overnight"]
+
+
 def gated(ctx: Context) -> Outcome:
     ctx.approve("Drop user signon", gate="drop")
     return Done("dropped")
