@@ -114,12 +114,17 @@ def sync_external_secret(ctx: Context, env: str | None = None) -> Outcome:
     if "epoch" not in state:
         before = kube.external_secret(t.namespace, t.external_secret)
         pods = kube.deployment_pods(t.namespace, t.deployment)
+        # Strictly increasing, so a retry within the same second still forces a new sync.
+        epoch = max(int(ctx.now()), state.get("last_epoch", 0) + 1)
         state.update(baseline=before.synced_resource_version, synced_at=ctx.now(),
-                     epoch=int(ctx.now()), pods_before=sorted(p.uid for p in pods))
+                     epoch=epoch, last_epoch=epoch, pods_before=sorted(p.uid for p in pods))
         ctx.save()
     kube.force_sync(t.namespace, t.external_secret, state["epoch"])  # same epoch: idempotent
     status = kube.external_secret(t.namespace, t.external_secret)
-    if status.reason == "SecretSyncedError":
+    # ESO reports an error only once it has tried; the condition may still be the one from
+    # before our force-sync, so an error counts after a short grace.
+    if status.reason == "SecretSyncedError" and ctx.waited >= ctx.catalogue.waits.sync_error_grace:
+        del state["epoch"]  # a retry forces a fresh sync
         raise StepFailed(f"ExternalSecret {t.namespace}/{t.external_secret} failed to sync: "
                          f"{status.message or 'SecretSyncedError'}")
     if (status.synced_resource_version != state["baseline"] and status.ready

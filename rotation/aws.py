@@ -25,8 +25,8 @@ def session_for(env_name: str, env: Environment) -> boto3.Session:
         base.client("sts"), {"RoleArn": env.aws_role_arn, "RoleSessionName": f"rotor-{env_name}"})
     core = botocore.session.get_session()
     # botocore has no public setter; this is how assumed-role sessions are built in boto3.
-    core._credentials = DeferredRefreshableCredentials(refresh_using=refresh,
-                                                       method="assume-role")
+    core._credentials = DeferredRefreshableCredentials(  # type: ignore[attr-defined]
+        refresh_using=refresh, method="assume-role")
     return boto3.Session(botocore_session=core, region_name=env.aws_region)
 
 
@@ -45,5 +45,6 @@ class AwsClients:
             if key not in self._clients:
                 if env not in self._sessions:
                     self._sessions[env] = session_for(env, self._environments[env])
-                self._clients[key] = self._sessions[env].client(service)
+                session: Any = self._sessions[env]  # the service name is data, not a literal
+                self._clients[key] = session.client(service)
             return self._clients[key]

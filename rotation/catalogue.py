@@ -30,6 +30,7 @@ class Waits(_Model):
     """How long each kind of wait may last (seconds), and how often it is re-checked."""
 
     sync: float = 300
+    sync_error_grace: float = 10  # a SecretSyncedError this young may predate our force-sync
     rollout_start: float = 120  # restart the Deployment if no new pod appears within this
     rollout: float = 900
     drain: float = 900  # old connections may linger this long before Rotor offers to kill them

@@ -175,13 +175,13 @@ class Context:
         Destructive gates in environments that notify 2nd line also post the notice
         first, and honour the hold period, before returning.
         """
-        destructive = self.step.destructive if destructive is None else destructive
+        is_destructive = bool(self.step.destructive) if destructive is None else destructive
         if self.dry_run:
-            raise _NeedsApproval(gate, summary, destructive)
+            raise _NeedsApproval(gate, summary, is_destructive)
         step = self.step
         if not (step.approved and step.gate == gate):
-            raise _NeedsApproval(gate, summary, destructive)
-        if destructive and self.catalogue.notify_second_line(self.env):
+            raise _NeedsApproval(gate, summary, is_destructive)
+        if is_destructive and self.catalogue.notify_second_line(self.env):
             self.engine._second_line_notice(self, summary)
 
 

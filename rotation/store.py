@@ -282,7 +282,7 @@ class Store:
                "from_status": from_status, "to_status": to_status, "actor": actor,
                "at": self.clock(), "detail": detail}
         _guard(row)
-        self.db["audit"].insert(row)
+        self.db.table("audit").insert(row)
 
     def create_rotation(self, kind: str, target: str, env: str, initiator: str,
                         params: dict[str, Any], steps: list[tuple[str, str, bool]]) -> int:
@@ -293,7 +293,7 @@ class Store:
         _guard(row)
         with self.transaction() as db:
             try:
-                rotation_id = db["rotations"].insert(row).last_pk
+                rotation_id = db.table("rotations").insert(row).last_pk
             except sqlite3.IntegrityError:
                 active = self.find_active(kind, target, env)
                 raise RotationConflict(
@@ -301,7 +301,7 @@ class Store:
                     f"{f' (#{active.id}, started by {active.initiator})' if active else ''}"
                 ) from None
             assert isinstance(rotation_id, int)
-            db["steps"].insert_all(
+            db.table("steps").insert_all(
                 {"rotation_id": rotation_id, "position": i, "name": name, "title": title,
                  "destructive": int(destructive)}
                 for i, (name, title, destructive) in enumerate(steps))
@@ -314,7 +314,7 @@ class Store:
             values["data"] = json.dumps(values["data"], sort_keys=True)
         _guard(values)
         values["updated_at"] = self.clock()
-        self.db["rotations"].update(rotation_id, values)
+        self.db.table("rotations").update(rotation_id, values)
 
     def update_step(self, rotation_id: int, position: int, *, expect: dict[str, Any] | None = None,
                     **values: Any) -> bool:
@@ -329,7 +329,8 @@ class Store:
             else:
                 where += f" AND [{key}] = ?"
                 args.append(value)
-        cursor = self.db.execute(f"UPDATE steps SET {sets} WHERE {where}", args)
+        # Column names come from this module's callers' keywords, never from input.
+        cursor = self.db.execute(f"UPDATE steps SET {sets} WHERE {where}", args)  # noqa: S608
         return cursor.rowcount == 1
 
     def claim(self, rotation_id: int, owner: str, until: float, *,
@@ -376,13 +377,13 @@ class Store:
     def rotation(self, rotation_id: int) -> RotationRow:
         with self._lock:
             row = self.db.execute(
-                f"SELECT {', '.join(_ROTATION_FIELDS)} FROM rotations WHERE id = ?",
+                f"SELECT {', '.join(_ROTATION_FIELDS)} FROM rotations WHERE id = ?",  # noqa: S608
                 [rotation_id]).fetchone()
             if row is None:
                 raise UnknownName(f"no rotation #{rotation_id}")
             steps = self.db.execute(
-                f"SELECT {', '.join(_STEP_FIELDS)} FROM steps WHERE rotation_id = ? "
-                "ORDER BY position", [rotation_id]).fetchall()
+                f"SELECT {', '.join(_STEP_FIELDS)} FROM steps "  # noqa: S608
+                "WHERE rotation_id = ? ORDER BY position", [rotation_id]).fetchall()
         values = dict(zip(_ROTATION_FIELDS, row, strict=True))
         values["params"] = json.loads(values["params"])
         values["data"] = json.loads(values["data"])

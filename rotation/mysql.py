@@ -1,0 +1,195 @@
+"""Kind `mysql`: the MySQL half of `rds-application-credentials.md`, one function a step.
+
+Works on MySQL 8 (what RDS runs) and MariaDB 10.11; `rotation.mysql_db` hides where their
+`SHOW GRANTS` and `mysql.user` differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import pymysql
+
+from rotation import appcreds, mysql_db
+from rotation.catalogue import Catalogue
+from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
+from rotation.errors import StepFailed, UnknownName
+
+
+def _endpoint(ctx: Context, user: str, password: str, database: str | None = None,
+              env: str | None = None) -> mysql_db.Endpoint:
+    secret = appcreds.app_secret(ctx, env=env)
+    t = appcreds.target(ctx, env)
+    return mysql_db.Endpoint(host=secret["host"], port=int(secret["port"]), user=user,
+                             password=password, database=database, tls=t.db_tls,
+                             ca_file=t.db_ca_file)
+
+
+@contextmanager
+def admin(ctx: Context) -> Iterator[pymysql.Connection]:
+    """A connection as the RDS admin user (`aws_db_admin`)."""
+    t = appcreds.target(ctx)
+    conn = mysql_db.connect(_endpoint(ctx, t.admin_user, appcreds.admin_password(ctx)))
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def preflight(ctx: Context) -> Outcome:
+    """Runbook: "Identifying existing users", "Get existing permissions", "Check for other
+    MySQL objects". Read-only: also what `rotor plan` shows."""
+    secret = appcreds.app_secret(ctx)
+    old = ctx.data.get("old_username") or mysql_db.validate_account_name(secret["username"])
+    schema = secret["dbname"]
+    with admin(ctx) as conn:
+        info = mysql_db.server_info(conn)
+        hosts = mysql_db.user_hosts(conn, old)
+        if not hosts:
+            raise StepFailed(f"user {old} (from {appcreds.target(ctx).secret}) does not exist "
+                             "on the server")
+        lines = []
+        for host in hosts:
+            account = mysql_db.account(conn, old, host)
+            grants = mysql_db.show_grants(conn, old, host)
+            lines.append(f"{old}@{host}: {len(grants)} grant lines, plugin {account.plugin}, "
+                         f"TLS {account.tls or 'none'}")
+        objects = mysql_db.definer_objects(conn, schema, old)
+    ctx.data.update(old_username=old, hosts=hosts, schema=schema, server=info.flavor,
+                    definer_objects=[f"{o.kind} {o.name}" for o in objects])
+    found = "; ".join(lines)
+    defined = (f"{len(objects)} objects defined by {old}: "
+               + ", ".join(f"{o.kind} {o.name}" for o in objects)) if objects else \
+        f"no objects defined by {old}"
+    return Done(f"{info.flavor} {info.version}; {found}; {defined}")
+
+
+def redefine_objects(ctx: Context) -> Outcome:
+    """Runbook: "Check for other MySQL objects": re-create them under the admin user."""
+    old, schema = ctx.data["old_username"], ctx.data["schema"]
+    with admin(ctx) as conn:
+        objects = mysql_db.definer_objects(conn, schema, old)
+        if not objects:
+            return Skipped(f"no functions, procedures, triggers, views or events defined by {old}")
+        names = ", ".join(f"{o.kind} {o.schema}.{o.name}" for o in objects)
+        ctx.approve(f"Re-define {len(objects)} objects under {appcreds.target(ctx).admin_user}, "
+                    f"bodies unchanged: {names}", gate="redefine")
+        for obj in objects:
+            mysql_db.redefine_object(conn, obj)
+    return Done(f"re-defined under the admin user: {names}")
+
+
+def create_user(ctx: Context) -> Outcome:
+    """Runbook: "Create new user", with the password from AWSPENDING."""
+    old, hosts = ctx.data["old_username"], ctx.data["hosts"]
+    with admin(ctx) as conn:
+        new = ctx.data.get("new_username")
+        if new is None:
+            info = mysql_db.server_info(conn)
+            base = f"{ctx.target.replace('-', '_')}_user_{ctx.today():%Y%m%d}"
+            new = mysql_db.new_user_name(conn, base, info.max_user_length)
+            ctx.data["new_username"] = new
+            ctx.save()  # before anything exists under the name, so a resume finds it again
+        pending = appcreds.stage_pending(ctx, new)
+        like = mysql_db.account(conn, old, hosts[0])
+        mysql_db.create_user(conn, new, hosts, pending["password"], like=like)
+    return Done(f"created {new} on {', '.join(hosts)} (TLS {like.tls or 'none'}, "
+                f"plugin {like.plugin}); password staged as AWSPENDING")
+
+
+def copy_grants(ctx: Context) -> Outcome:
+    """Runbook: "Get existing permissions" and the GRANT to the new user, then verify."""
+    old, new, hosts = ctx.data["old_username"], ctx.data["new_username"], ctx.data["hosts"]
+    copied: list[str] = []
+    with admin(ctx) as conn:
+        for host in hosts:
+            copied += mysql_db.copy_grants(conn, old, new, host)
+            equal, missing, extra = mysql_db.grants_match(conn, old, new, host)
+            if not equal:
+                raise StepFailed(f"grants of {new}@{host} differ from {old}@{host}: "
+                                 f"missing {sorted(missing)}, extra {sorted(extra)}")
+    return Done(f"{new} has the same grants as {old} on {', '.join(hosts)} "
+                f"({len(copied)} copied)")
+
+
+def test_login(ctx: Context) -> Outcome:
+    """Log in as the new user with the AWSPENDING password and query the app's schema."""
+    pending = appcreds.pending_secret(ctx)
+    endpoint = _endpoint(ctx, pending["username"], pending["password"], ctx.data["schema"])
+    summary = mysql_db.test_login(endpoint, ctx.data["schema"])
+    return Done(f"logged in as {pending['username']}: {summary}")
+
+
+def drain(ctx: Context) -> Outcome:
+    """Runbook: "Verify rotation": the old user has no connections left."""
+    old = ctx.data["old_username"]
+    with admin(ctx) as conn:
+        counts = mysql_db.connections_by_user(conn)
+        ids = mysql_db.connection_ids(conn, old)
+        per_user = ", ".join(f"{u or '(none)'}: {n}" for u, n in sorted(counts.items()))
+        if not ids:
+            return Done(f"no connections from {old}; connections per user: {per_user}")
+        if ctx.waited < ctx.catalogue.waits.drain:
+            return Wait(f"{len(ids)} connections of {old} to close",
+                        timeout=ctx.catalogue.waits.drain * 2)
+        info = mysql_db.server_info(conn)
+        how = "CALL mysql.rds_kill(id)" if info.has_rds_kill else "KILL id"
+        ctx.approve(f"Kill {len(ids)} connections of {old} still open after "
+                    f"{int(ctx.catalogue.waits.drain)}s ({how}); connections per user: "
+                    f"{per_user}", gate="kill", destructive=True)
+        killed = mysql_db.kill_connections(conn, ids, rds_kill=info.has_rds_kill)
+    ctx.log.info("killed %s connections of %s", killed, old)
+    return Wait(f"killed connections of {old} to go", timeout=ctx.catalogue.waits.drain * 2)
+
+
+def drop_old_user(ctx: Context) -> Outcome:
+    """Runbook: "Deleting the old user", on every host it exists on."""
+    old = ctx.data["old_username"]
+    with admin(ctx) as conn:
+        hosts = mysql_db.user_hosts(conn, old)
+        if not hosts:
+            return Done(f"{old} is already gone")
+        if mysql_db.connection_ids(conn, old):
+            raise StepFailed(f"{old} has connections again; it is still in use somewhere")
+        ctx.approve(f"DROP USER {old} on {', '.join(hosts)} (AWSCURRENT now holds "
+                    f"{ctx.data['new_username']}, which logs in)", gate="drop")
+        mysql_db.drop_user(conn, old, hosts)
+    return Done(f"dropped {old} on {', '.join(hosts)}")
+
+
+class MySQLKind:
+    """The ten steps of a MySQL application-credential rotation."""
+
+    name = "mysql"
+
+    def validate(self, catalogue: Catalogue, target: str, env: str,
+                 params: Mapping[str, Any]) -> None:
+        app = catalogue.app(target)
+        if app.engine != "mysql":
+            raise UnknownName(f"{target} uses {app.engine}, not mysql")
+        mysql_db.validate_account_name(target.replace("-", "_"))
+
+    def steps(self, catalogue: Catalogue, target: str, env: str,
+              params: Mapping[str, Any]) -> list[Step]:
+        return [
+            Step("preflight", "Preflight: the app's user, hosts, grants, TLS and definer objects",
+                 preflight),
+            Step("redefine", "Re-define objects the old user defines under the admin user",
+                 redefine_objects),
+            Step("create-user", "Create the new user from the AWSPENDING password", create_user),
+            Step("copy-grants", "Copy every grant to the new user and verify they match",
+                 copy_grants),
+            Step("test-login", "Log in as the new user and query the app's schema", test_login),
+            *appcreds.shared_steps(),
+            Step("drain", "Verify the old user has no connections left", drain),
+            Step("drop-old-user", "Drop the old user on all of its hosts", drop_old_user,
+                 destructive=True),
+        ]
+
+    def cancel(self, ctx: Context) -> str:
+        return appcreds.cancel(ctx)
+
+
+KIND = MySQLKind()

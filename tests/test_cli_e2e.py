@@ -1,0 +1,124 @@
+"""`rotor` as a subprocess, against moto's server via AWS_ENDPOINT_URL: the break-glass path."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rotation.mysql import KIND
+from tests.rig import ContinuityProbe, Rig, rig
+
+STEPS = [s.name for s in KIND.steps(None, "x", "staging", {})]  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def world(tmp_path) -> Iterator[Rig]:
+    with rig("mysql", tmp_path) as r:
+        yield r
+
+
+def rotor(world: Rig, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        world.rotor() + list(args),
+        env=world.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=world.workdir,
+    )
+
+
+def test_rotate_in_the_foreground_prints_each_step_and_exits_zero(world):
+    result = rotor(world, "rotate", world.app, "staging", "--yes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in STEPS:
+        assert step in result.stdout
+    assert "done: 10/10 done" in result.stdout
+    new = world.current()
+    assert new["username"] != world.box.app_user
+    output = result.stdout + result.stderr
+    for password in (new["password"], world.box.app_password, world.box.admin_password):
+        assert password not in output
+
+    status = rotor(world, "status")
+    assert status.returncode == 0 and "done, 10/10 done" in status.stdout
+
+
+def test_plan_changes_nothing_and_shows_what_preflight_found(world):
+    result = rotor(world, "plan", world.app, "staging")
+    assert result.returncode == 0, result.stderr
+    assert "drop-old-user" in result.stdout and "[destructive, needs approval]" in result.stdout
+    assert f"{world.box.app_user}@%" in result.stdout
+    assert _count(world.state_path) == 0
+    assert world.users() == {world.box.admin_user, world.box.app_user}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["rotate", "nosuchapp", "staging"], "rotor: unknown app 'nosuchapp'"),
+        (["rotate", "APP", "moon"], "rotor: unknown environment 'moon'"),
+        (["retry", "99"], "rotor: no rotation #99"),
+        (["cancel", "99"], "rotor: no rotation #99"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(world, args, message):
+    args = [a.replace("APP", world.app) for a in args]
+    result = rotor(world, *args)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(message) and result.stderr.count("\n") == 1
+    assert world.users() == {world.box.admin_user, world.box.app_user}
+
+
+def test_a_malformed_catalogue_names_the_key(world):
+    world.config_path.write_text("environments: {staging: {aws_regio: x}}\n")
+    result = rotor(world, "status")
+    assert result.returncode == 1
+    assert "environments.staging.aws_region: Field required" in result.stderr
+
+
+def _count(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM rotations").fetchone()[0])
+
+
+def _step_statuses(path: Path) -> dict[str, str]:
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            return dict(conn.execute("SELECT name, status FROM steps"))
+    except sqlite3.OperationalError:
+        return {}  # not created yet
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_after_each_step_resumes_cleanly(tmp_path, step):
+    """Kill `rotor` the moment `step` is committed; the next `rotor` finishes the job."""
+    with rig("mysql", tmp_path) as world, ContinuityProbe(world) as probe:
+        proc = subprocess.Popen(
+            world.rotor() + ["rotate", world.app, "staging", "--yes"],
+            env=world.env(),
+            cwd=world.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while _step_statuses(world.state_path).get(step) not in ("done", "skipped"):
+            assert proc.poll() is None or proc.returncode == 0, "rotor died before the kill"
+            assert time.monotonic() < deadline, f"{step} never finished"
+            time.sleep(0.002)
+        proc.kill()
+        proc.wait()
+        statuses = _step_statuses(world.state_path)
+        if not all(s in ("done", "skipped") for s in statuses.values()):
+            result = rotor(world, "rotate", world.app, "staging", "--yes")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "resuming rotation #1" in result.stdout
+        assert _count(world.state_path) == 1
+        new = world.current()["username"]
+        assert world.users() == {world.box.admin_user, new}
+    assert probe.failures == [] and probe.logins > 0
