@@ -98,6 +98,75 @@ class App(AppOverrides):
     environments: dict[str, AppOverrides] = Field(default_factory=dict)
 
 
+class EcsService(_Model):
+    cluster: str
+    service: str
+
+
+class Consumers(_Model):
+    """What reads a secret: Kubernetes through ExternalSecrets, ECS services, people."""
+
+    namespace: str = "apps"
+    external_secrets: tuple[str, ...] = ()
+    deployments: tuple[str, ...] = ()
+    ecs_services: tuple[EcsService, ...] = ()
+
+
+class SecretField(_Model):
+    """A Secrets Manager secret holding an access key, and the JSON fields that hold it."""
+
+    id: str
+    key_id_field: str = "access_key_id"
+    secret_field: str = "secret_access_key"
+
+
+class ManualPlace(_Model):
+    """Somewhere a key lives that Rotor cannot reach: a person updates it when told."""
+
+    place: str
+    instruction: str
+
+
+class KeyPlaces(Consumers):
+    secrets: tuple[SecretField, ...] = ()
+    manual: tuple[ManualPlace, ...] = ()
+
+
+class IamUser(_Model):
+    """An IAM user whose access key Rotor rotates, and where the key lives per environment."""
+
+    environments: dict[str, KeyPlaces]
+    grace_days: float = 7  # how long the deactivated old key waits before deletion
+
+
+class KeyAge(_Model):
+    """The scheduled key-age check: a cron in a timezone, and the age limits."""
+
+    schedule: str = "0 9 * * mon"
+    timezone: str = "Europe/London"
+    max_key_age_days: int = 90
+    warn_days: int = 80
+
+
+class ManagedSecret(_Model):
+    """A secret with a Secrets Manager rotation function, and who must redeploy after it."""
+
+    environments: dict[str, Consumers]
+    rollback_minutes: float = 60  # how long the "Roll back" button stays
+
+
+class Database(_Model):
+    """An RDS instance whose admin password Terraform owns (`rotate admin`)."""
+
+    engine: Literal["mysql", "postgres"]
+    host: str | None = None  # default: the host in the app secret of an app using it
+    port: int | None = None
+    apps: tuple[str, ...] = ()
+    terraform_dir: str = "govuk-infrastructure/terraform/deployments/rds"
+    backup_secret: str = "govuk/db-backup/passwd"
+    backup_external_secret: str = "db-backup-passwd"
+
+
 class SlackConfig(_Model):
     channel: str = "#govuk-developers"
     second_line_channel: str = "#govuk-2ndline"
@@ -112,6 +181,10 @@ class Catalogue(_Model):
     apps: dict[str, App] = Field(default_factory=dict)
     slack: SlackConfig = SlackConfig()
     waits: Waits = Waits()
+    iam_users: dict[str, IamUser] = Field(default_factory=dict)
+    key_age: KeyAge = KeyAge()
+    secrets: dict[str, ManagedSecret] = Field(default_factory=dict)
+    databases: dict[str, Database] = Field(default_factory=dict)
 
     @field_validator("environments", "apps")
     @classmethod
@@ -128,10 +201,18 @@ class Catalogue(_Model):
             if env.restored_from and env.restored_from not in self.environments:
                 raise ValueError(f"environments.{env_name}.restored_from: no environment "
                                  f"named {env.restored_from!r}")
-        for app_name, app in self.apps.items():
-            for env_name in app.environments:
-                if env_name not in self.environments:
-                    raise ValueError(f"apps.{app_name}.environments.{env_name}: no such environment")
+        sections: list[tuple[str, dict[str, Any]]] = [
+            ("apps", self.apps), ("iam_users", self.iam_users), ("secrets", self.secrets)]
+        for section, entries in sections:
+            for name, entry in entries.items():
+                for env_name in entry.environments:
+                    if env_name not in self.environments:
+                        raise ValueError(f"{section}.{name}.environments.{env_name}: "
+                                         "no such environment")
+        for name, database in self.databases.items():
+            for app_name in database.apps:
+                if app_name not in self.apps:
+                    raise ValueError(f"databases.{name}.apps: no app named {app_name!r}")
         return self
 
     def environment(self, name: str) -> Environment:
@@ -146,6 +227,31 @@ class Catalogue(_Model):
             return self.apps[name]
         except KeyError:
             raise UnknownName(f"unknown app {name!r}{_suggest(name, self.apps)}") from None
+
+    def iam_user(self, name: str, env: str) -> KeyPlaces:
+        user = self.iam_users.get(name)
+        if user is None:
+            raise UnknownName(f"unknown IAM user {name!r}{_suggest(name, self.iam_users)}")
+        self.environment(env)
+        if env not in user.environments:
+            raise UnknownName(f"IAM user {name!r} has no key in {env}")
+        return user.environments[env]
+
+    def managed_secret(self, secret_id: str, env: str) -> Consumers:
+        entry = self.secrets.get(secret_id)
+        if entry is None:
+            raise UnknownName(f"unknown secret {secret_id!r}{_suggest(secret_id, self.secrets)}")
+        self.environment(env)
+        if env not in entry.environments:
+            raise UnknownName(f"secret {secret_id!r} is not rotated in {env}")
+        return entry.environments[env]
+
+    def database(self, name: str) -> Database:
+        try:
+            return self.databases[name]
+        except KeyError:
+            raise UnknownName(f"unknown database {name!r}"
+                              f"{_suggest(name, self.databases)}") from None
 
     def four_eyes(self, env: str) -> bool:
         flag = self.environment(env).four_eyes

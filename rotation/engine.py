@@ -36,6 +36,7 @@ log = logging.getLogger("rotor.engine")
 
 LEASE_SECONDS = 120
 SYSTEM = "rotor"
+GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
 
 
 # -- what steps return -------------------------------------------------------------------
@@ -183,6 +184,25 @@ class Context:
             raise _NeedsApproval(gate, summary, is_destructive)
         if is_destructive and self.catalogue.notify_second_line(self.env):
             self.engine._second_line_notice(self, summary)
+
+
+    def guide(self, instruction: str, *, gate: str = "done") -> str:
+        """A guided step: post the exact instruction, return once a person clicked "Done".
+
+        Returns who did it. Four-eyes does not apply: the person doing the work says so.
+        """
+        key = GUIDE + gate
+        if self.dry_run or not (self.step.approved and self.step.gate == key):
+            raise _NeedsApproval(key, instruction, False)
+        return self.step.decided_by or "?"
+
+    def requested(self, name: str) -> str | None:
+        """Who asked for `name` (e.g. "rollback") through `Engine.request`, if anyone."""
+        requests = self.engine.store.rotation(self.rotation.id).data.get("_requests", {})
+        who = requests.get(name)
+        if who:
+            self.data.setdefault("_requests", {})[name] = who
+        return who
 
 
 class _StepLog(logging.LoggerAdapter[logging.Logger]):
@@ -476,7 +496,8 @@ class Engine:
         rotation = self._active(rotation_id)
         step = rotation.step(step_name)
         self._check_gate_open(rotation, step)
-        if self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
+        guided = (step.gate or "").startswith(GUIDE)
+        if not guided and self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
             raise NotAllowed(f"{rotation.env} needs a second person: the one who started "
                              f"rotation #{rotation.id} cannot approve it")
         now = self.clock()
@@ -578,6 +599,24 @@ class Engine:
             return self.store.update_step(rotation.id, step.position,
                                           expect={"reminded_at": step.reminded_at},
                                           reminded_at=self.clock())
+
+    def request(self, rotation_id: int, name: str, actor: str) -> RotationRow:
+        """Ask a running step for something it offers (Reactivate, Roll back); once only."""
+        rotation = self._active(rotation_id)
+        with self.store.transaction():
+            data = self.store.rotation(rotation.id).data
+            requests = data.setdefault("_requests", {})
+            if name in requests:
+                raise InvalidTransition(f"rotation #{rotation.id}: {name} was already asked for "
+                                        f"by {requests[name]}")
+            requests[name] = actor
+            self.store.update_rotation(rotation.id, data=data, next_run_at=self.clock())
+            step = rotation.current
+            if step is not None and step.status == "waiting":  # re-check it now, not later
+                self.store.update_step(rotation.id, step.position, next_check_at=self.clock())
+            self.store.audit(rotation.id, "requested", actor, detail=name)
+        self.on_change(rotation.id)
+        return self.store.rotation(rotation.id)
 
     def retry(self, rotation_id: int, actor: str) -> RotationRow:
         """Run the failed step again (a rejected gate asks for approval again)."""

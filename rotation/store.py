@@ -163,6 +163,11 @@ class StepRow:
     def approved(self) -> bool:
         return self.decision == "approved"
 
+    @property
+    def guided(self) -> bool:
+        """A guided step waits for a person to do something and click "Done"."""
+        return (self.gate or "").startswith("guide:")
+
 
 @dataclass(frozen=True)
 class RotationRow:

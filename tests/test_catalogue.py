@@ -82,3 +82,44 @@ def test_a_missing_file_says_how_to_point_at_one(tmp_path):
 def test_the_shipped_catalogue_is_valid():
     cat = catalogue.load("rotor.yml")
     assert "signon" in cat.apps
+
+
+FULL = ISSUE_EXAMPLE + """
+iam_users:
+  govuk-fastly-logs:
+    environments:
+      production:
+        secrets: [{id: govuk/fastly/logs}]
+        external_secrets: [fastly-logs]
+        deployments: [fastly-logs]
+        ecs_services: [{cluster: main, service: logs}]
+        manual: [{place: Fastly CDN logging, instruction: "Paste the new key into the logging endpoint"}]
+secrets:
+  serverless-credentials:
+    environments:
+      staging: {ecs_services: [{cluster: FargateClusterDemo, service: FargateServiceDemo}]}
+databases:
+  signon: {engine: mysql, apps: [signon]}
+"""
+
+
+def test_iam_users_secrets_and_databases_are_catalogued():
+    cat = catalogue.parse(FULL)
+    places = cat.iam_user("govuk-fastly-logs", "production")
+    assert places.secrets[0].key_id_field == "access_key_id"
+    assert places.manual[0].place == "Fastly CDN logging"
+    assert cat.managed_secret("serverless-credentials", "staging").ecs_services[0].service == \
+        "FargateServiceDemo"
+    assert cat.database("signon").backup_secret == "govuk/db-backup/passwd"
+    assert cat.key_age.max_key_age_days == 90 and cat.key_age.warn_days == 80
+    with pytest.raises(UnknownName, match="has no key in staging"):
+        cat.iam_user("govuk-fastly-logs", "staging")
+    with pytest.raises(UnknownName, match="is not rotated in production"):
+        cat.managed_secret("serverless-credentials", "production")
+
+
+def test_sections_may_only_name_known_environments_and_apps():
+    with pytest.raises(ConfigError, match="iam_users.u.environments.moon: no such environment"):
+        catalogue.parse(ISSUE_EXAMPLE + "iam_users: {u: {environments: {moon: {}}}}")
+    with pytest.raises(ConfigError, match="databases.d.apps: no app named 'nope'"):
+        catalogue.parse(ISSUE_EXAMPLE + "databases: {d: {engine: mysql, apps: [nope]}}")

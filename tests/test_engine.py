@@ -201,6 +201,37 @@ def test_four_eyes_refuses_self_approval_in_production_only(tmp_path, clock):
     engine.approve(staging.id, "drop", "U1")
 
 
+def test_a_guided_step_waits_for_done_from_anyone_even_the_initiator(tmp_path, clock):
+    def fastly(ctx: Context) -> Outcome:
+        who = ctx.guide("Paste the new key into Fastly's logging endpoint", gate="fastly")
+        return Done(f"Fastly updated by {who}")
+
+    engine, _ = make(tmp_path, clock, {"fastly": fastly})
+    rotation = engine.start("mysql", "signon", "production", "U1")
+    row = engine.advance(rotation.id)
+    assert row.current.guided and row.current.gate_summary.startswith("Paste the new key")
+    engine.approve(rotation.id, "fastly", "U1")  # four-eyes is for approvals, not for "Done"
+    assert engine.advance(rotation.id).steps[0].result == "Fastly updated by U1"
+
+
+def test_a_step_can_offer_a_request_during_a_grace_period(tmp_path, clock):
+    def grace(ctx: Context) -> Outcome:
+        who = ctx.requested("rollback")
+        if who:
+            return Done(f"rolled back for {who}")
+        return Wait("the grace period", 3600, check_at=ctx.now() + 600)
+
+    engine, _ = make(tmp_path, clock, {"grace": grace})
+    rotation = engine.start("mysql", "signon", "staging", "U1")
+    engine.advance(rotation.id)
+    engine.request(rotation.id, "rollback", "U2")
+    with pytest.raises(InvalidTransition, match="already asked for by U2"):
+        engine.request(rotation.id, "rollback", "U3")
+    engine.tick()  # due at once: the request set next_run_at to now
+    final = engine.store.rotation(rotation.id)
+    assert final.status == "done" and final.steps[0].result == "rolled back for U2"
+
+
 def test_a_double_click_approves_once(tmp_path, clock):
     engine, _ = make(tmp_path, clock, {"drop": gated})
     rotation = engine.start("mysql", "signon", "staging", "U1")
