@@ -134,6 +134,13 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
         if step.status == "failed":
             _fail(f"rotation #{rotation.id} stopped at {step.name}: {step.error} "
                   f"(`rotor retry {rotation.id}` or `rotor cancel {rotation.id}`)")
+        if step.status == "needs-approval" and step.decision is None and step.guided:
+            click.echo(f"» {step.name}: {step.gate_summary}")
+            if click.confirm("  Done?", default=False):
+                engine.approve(rotation.id, step.name, actor)
+                continue
+            _fail(f"rotation #{rotation.id} waits at {step.name} until it is done; run the same "
+                  "command again then")
         if step.status == "needs-approval" and step.decision is None:
             if engine.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
                 if waiting_shown != "approval":
@@ -163,31 +170,69 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
         wake.clear()
 
 
-@main.command()
-@click.argument("app")
-@click.argument("env")
-@click.option("--yes", is_flag=True, help="Approve every gate you are allowed to approve.")
-@click.option("--compromised", is_flag=True,
-              help="Credentials are compromised: no overnight wait; every restored copy too.")
-@click.pass_obj
-def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
-    """Start, or resume, the rotation of APP in ENV in the foreground."""
+def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
+                     params: dict[str, Any] | None = None) -> NoReturn:
+    """Start the rotation, or resume the active one, and drive it in the foreground."""
     engine = obj.engine
-    kind = engine.catalogue.app(app).engine
     actor = obj.settings.actor
-    active = engine.store.find_active(kind, app, env)
+    active = engine.store.find_active(kind, target, env)
     if active is not None:
         click.echo(f"resuming rotation #{active.id} ({active.phase}, {active.progress})")
         rotation_id = active.id
     else:
-        params = {"compromised": True} if compromised else {}
-        rotation_id = engine.start(kind, app, env, actor, params).id
-        click.echo(f"started rotation #{rotation_id}: {kind} {app} in {env}")
+        rotation_id = engine.start(kind, target, env, actor, params or {}).id
+        click.echo(f"started rotation #{rotation_id}: {kind} {target} in {env}")
     try:
         _drive(engine, rotation_id, actor, yes)
     except KeyboardInterrupt:
-        _fail(f"interrupted; rotation #{rotation_id} is resumable with "
-              f"`rotor rotate {app} {env}`", 130)
+        _fail(f"interrupted; rotation #{rotation_id} is resumable: run the same command again",
+              130)
+
+
+YES = click.option("--yes", is_flag=True, help="Approve every gate you are allowed to approve.")
+
+
+@main.command()
+@click.argument("app")
+@click.argument("env")
+@YES
+@click.option("--compromised", is_flag=True,
+              help="Credentials are compromised: no overnight wait; every restored copy too.")
+@click.pass_obj
+def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
+    """Start, or resume, the rotation of APP's database credentials in ENV."""
+    kind = obj.engine.catalogue.app(app).engine
+    _start_or_resume(obj, kind, app, env, yes, {"compromised": True} if compromised else {})
+
+
+@main.command("rotate-key")
+@click.argument("user")
+@click.argument("env")
+@YES
+@click.pass_obj
+def rotate_key(obj: _Obj, user: str, env: str, yes: bool) -> None:
+    """Start, or resume, the rotation of an IAM user's access key in ENV."""
+    _start_or_resume(obj, "iam-key", user, env, yes)
+
+
+@main.command("rotate-secret")
+@click.argument("secret_id")
+@click.argument("env")
+@YES
+@click.pass_obj
+def rotate_secret(obj: _Obj, secret_id: str, env: str, yes: bool) -> None:
+    """Start, or resume, a Secrets Manager rotation of SECRET_ID and redeploy its consumers."""
+    _start_or_resume(obj, "secret", secret_id, env, yes)
+
+
+@main.command("rotate-admin")
+@click.argument("database")
+@click.argument("env")
+@YES
+@click.pass_obj
+def rotate_admin(obj: _Obj, database: str, env: str, yes: bool) -> None:
+    """Start, or resume, the rotation of DATABASE's RDS admin password (Terraform-guided)."""
+    _start_or_resume(obj, "rds-admin", database, env, yes)
 
 
 @main.command()
