@@ -205,34 +205,28 @@ def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
     _start_or_resume(obj, kind, app, env, yes, {"compromised": True} if compromised else {})
 
 
-@main.command("rotate-key")
-@click.argument("user")
-@click.argument("env")
-@YES
-@click.pass_obj
-def rotate_key(obj: _Obj, user: str, env: str, yes: bool) -> None:
-    """Start, or resume, the rotation of an IAM user's access key in ENV."""
-    _start_or_resume(obj, "iam-key", user, env, yes)
+def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:
+    """`rotor NAME ARGUMENT ENV [--yes]` for a kind whose target is not an app."""
+
+    @click.argument(argument.lower())
+    @click.argument("env")
+    @YES
+    @click.pass_obj
+    def command(obj: _Obj, env: str, yes: bool, **target: str) -> None:
+        _start_or_resume(obj, kind, target[argument.lower()], env, yes)
+
+    command.__doc__ = doc
+    main.command(name)(command)
 
 
-@main.command("rotate-secret")
-@click.argument("secret_id")
-@click.argument("env")
-@YES
-@click.pass_obj
-def rotate_secret(obj: _Obj, secret_id: str, env: str, yes: bool) -> None:
-    """Start, or resume, a Secrets Manager rotation of SECRET_ID and redeploy its consumers."""
-    _start_or_resume(obj, "secret", secret_id, env, yes)
-
-
-@main.command("rotate-admin")
-@click.argument("database")
-@click.argument("env")
-@YES
-@click.pass_obj
-def rotate_admin(obj: _Obj, database: str, env: str, yes: bool) -> None:
-    """Start, or resume, the rotation of DATABASE's RDS admin password (Terraform-guided)."""
-    _start_or_resume(obj, "rds-admin", database, env, yes)
+_kind_command("rotate-key", "iam-key", "USER",
+              "Start, or resume, the rotation of an IAM user's access key in ENV.")
+_kind_command("rotate-secret", "secret", "SECRET_ID",
+              "Start, or resume, a Secrets Manager rotation of SECRET_ID and redeploy its "
+              "consumers.")
+_kind_command("rotate-admin", "rds-admin", "DATABASE",
+              "Start, or resume, the rotation of DATABASE's RDS admin password "
+              "(Terraform-guided).")
 
 
 @main.command()

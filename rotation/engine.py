@@ -500,43 +500,35 @@ class Engine:
         if not guided and self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
             raise NotAllowed(f"{rotation.env} needs a second person: the one who started "
                              f"rotation #{rotation.id} cannot approve it")
-        now = self.clock()
-        with self.store.transaction():
-            won = self.store.update_step(
-                rotation.id, step.position,
-                expect={"status": "needs-approval", "decision": None, "gate": step.gate},
-                status="pending", decision="approved", decided_by=actor, decided_at=now)
-            if won:
-                self.store.update_rotation(rotation.id, next_run_at=now)
-                self.store.audit(rotation.id, "approved", actor, step=step.name,
-                                 from_status="needs-approval", to_status="pending",
-                                 detail=step.gate_summary)
-        if not won:
-            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} was already decided")
+        self._decide(rotation, step, actor, "approved", "pending", next_run_at=self.clock())
         log.info("approve: #%s %s approved by %s", rotation.id, step.name, actor)
-        self.on_change(rotation.id)
         return self.store.rotation(rotation.id)
 
     def reject(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
         rotation = self._active(rotation_id)
         step = rotation.step(step_name)
         self._check_gate_open(rotation, step, allow_expired=True)
-        reason = f"rejected by {actor}"
+        self._decide(rotation, step, actor, "rejected", "failed", next_run_at=None,
+                     error=f"rejected by {actor}")
+        return self.store.rotation(rotation.id)
+
+    def _decide(self, rotation: RotationRow, step: StepRow, actor: str, decision: str,
+                to_status: str, *, next_run_at: float | None, **values: Any) -> None:
+        """Record a decision on an open gate: compare-and-set, so exactly one click wins."""
         with self.store.transaction():
             won = self.store.update_step(
                 rotation.id, step.position,
                 expect={"status": "needs-approval", "decision": None, "gate": step.gate},
-                status="failed", decision="rejected", decided_by=actor,
-                decided_at=self.clock(), error=reason)
+                status=to_status, decision=decision, decided_by=actor,
+                decided_at=self.clock(), **values)
             if won:
-                self.store.update_rotation(rotation.id, next_run_at=None)
-                self.store.audit(rotation.id, "rejected", actor, step=step.name,
-                                 from_status="needs-approval", to_status="failed",
+                self.store.update_rotation(rotation.id, next_run_at=next_run_at)
+                self.store.audit(rotation.id, decision, actor, step=step.name,
+                                 from_status="needs-approval", to_status=to_status,
                                  detail=step.gate_summary)
         if not won:
             raise InvalidTransition(f"rotation #{rotation.id} step {step.name} was already decided")
         self.on_change(rotation.id)
-        return self.store.rotation(rotation.id)
 
     def hold(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
         """2nd line stops a destructive step during its hold period; it must be approved again."""

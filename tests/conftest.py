@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -16,30 +17,26 @@ def _unavailable(exc: servers.ServerUnavailable) -> None:
     pytest.fail(str(exc), pytrace=False)
 
 
-@pytest.fixture
-def mysql_box() -> Iterator[servers.MySQLSandbox]:
+def _sandbox(make: Callable[[], Any], drop: Callable[[Any], None]) -> Iterator[Any]:
     try:
-        box = servers.mysql_sandbox()
+        box = make()
     except servers.ServerUnavailable as exc:
         _unavailable(exc)
         raise
     try:
         yield box
     finally:
-        servers.drop_mysql_sandbox(box)
+        drop(box)
+
+
+@pytest.fixture
+def mysql_box() -> Iterator[servers.MySQLSandbox]:
+    yield from _sandbox(servers.mysql_sandbox, servers.drop_mysql_sandbox)
 
 
 @pytest.fixture
 def postgres_box() -> Iterator[servers.PostgresSandbox]:
-    try:
-        box = servers.postgres_sandbox()
-    except servers.ServerUnavailable as exc:
-        _unavailable(exc)
-        raise
-    try:
-        yield box
-    finally:
-        servers.drop_postgres_sandbox(box)
+    yield from _sandbox(servers.postgres_sandbox, servers.drop_postgres_sandbox)
 
 
 @pytest.fixture(autouse=True)
