@@ -29,6 +29,7 @@ class _Obj:
 
     def __init__(self, config: str | None) -> None:
         self.config = config
+        self.second_line_told: str | None = None
         self._settings: Settings | None = None
         self._engine: Engine | None = None
 
@@ -44,8 +45,9 @@ class _Obj:
         if self._engine is None:
             from bot.notify import second_line_for_cli
 
-            self._engine = build_engine(self.settings,
-                                        second_line=second_line_for_cli(self.settings))
+            ask = (lambda question: click.prompt(question)) if sys.stdin.isatty() else None
+            self._engine = build_engine(self.settings, second_line=second_line_for_cli(
+                self.settings, self.second_line_told, ask))
         return self._engine
 
 
@@ -147,7 +149,7 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
                     click.echo(f"? {step.name} needs a second person in {rotation.env}: "
                                f"`rotor approve {rotation.id}` (Ctrl-C leaves it resumable)")
                     waiting_shown = "approval"
-                wake.wait(1.0)
+                wake.wait(0.25)  # the approval comes from another process: poll the store
                 wake.clear()
                 continue
             if yes or click.confirm(f"? {step.gate_summary}\n  Approve?", default=False):
@@ -166,7 +168,7 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
                 click.echo(line)
                 waiting_shown = step.wait_reason or ""
         # An Event, not a sleep: approvals from another process wake us on the next poll.
-        wake.wait(min(delay, 1.0))
+        wake.wait(min(delay, 0.25))
         wake.clear()
 
 
@@ -189,13 +191,21 @@ def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
               130)
 
 
+def _told(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.ensure_object(_Obj).second_line_told = value
+    return value
+
+
 YES = click.option("--yes", is_flag=True, help="Approve every gate you are allowed to approve.")
+TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_value=False,
+                    help="Without Slack: how you told 2nd line (recorded in the audit).")
 
 
 @main.command()
 @click.argument("app")
 @click.argument("env")
 @YES
+@TOLD
 @click.option("--compromised", is_flag=True,
               help="Credentials are compromised: no overnight wait; every restored copy too.")
 @click.pass_obj
@@ -211,6 +221,7 @@ def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:
     @click.argument(argument.lower())
     @click.argument("env")
     @YES
+    @TOLD
     @click.pass_obj
     def command(obj: _Obj, env: str, yes: bool, **target: str) -> None:
         _start_or_resume(obj, kind, target[argument.lower()], env, yes)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from bot.settings import Settings
+from rotation.errors import StepFailed
 from rotation.store import RotationRow, StepRow
 
 
@@ -34,10 +36,35 @@ class SlackSecondLine:
         return str(permalink)
 
 
-def second_line_for_cli(settings: Settings) -> SlackSecondLine | None:
-    """With a bot token the CLI tells 2nd line through Slack too; without, it cannot."""
+class OperatorSecondLine:
+    """Break glass without Slack: the operator tells 2nd line and records how.
+
+    `told` comes from `--second-line-told`; otherwise a terminal is asked. Without either
+    the destructive step does not run.
+    """
+
+    def __init__(self, told: str | None, ask: Callable[[str], str] | None) -> None:
+        self.told = told
+        self.ask = ask
+
+    def notify(self, rotation: RotationRow, step: StepRow, summary: str,
+               approved_by: str) -> str:
+        if self.told:
+            return f"told by the operator: {self.told}"
+        if self.ask is not None:
+            answer = self.ask(f"2nd line must be told first: {summary} (approved by "
+                              f"{approved_by}). How did you tell them?").strip()
+            if answer:
+                return f"told by the operator: {answer}"
+        raise StepFailed("2nd line must be told before this destructive step: set "
+                         "SLACK_BOT_TOKEN, or say how you told them with --second-line-told")
+
+
+def second_line_for_cli(settings: Settings, told: str | None = None,
+                        ask: Callable[[str], str] | None = None) -> SlackSecondLine | OperatorSecondLine:
+    """With a bot token the CLI tells 2nd line through Slack; without, the operator does."""
     if not settings.slack_bot_token:
-        return None
+        return OperatorSecondLine(told, ask)
     from slack_sdk import WebClient
 
     client = WebClient(token=settings.slack_bot_token,

@@ -468,6 +468,8 @@ class Engine:
             try:
                 where = self.second_line.notify(ctx.rotation, step, summary,
                                                 step.decided_by or "?")
+            except RotorError:
+                raise  # the notifier says it cannot tell 2nd line at all: the step fails
             except Exception as exc:  # Slack down: keep the approval, retry the notice.
                 ctx.log.warning("2nd line notice failed: %s", exc)
                 raise _Pause("the 2nd line notice to be posted", now + 30) from None

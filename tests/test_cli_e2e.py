@@ -22,10 +22,12 @@ def world(tmp_path) -> Iterator[Rig]:
         yield r
 
 
-def rotor(world: Rig, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def rotor(
+    world: Rig, *args: str, timeout: float = 90, actor: str = "alice"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         world.rotor() + list(args),
-        env=world.env(),
+        env={**world.env(), "ROTOR_ACTOR": actor},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -122,3 +124,50 @@ def test_sigkill_after_each_step_resumes_cleanly(tmp_path, step):
         new = world.current()["username"]
         assert world.users() == {world.box.admin_user, new}
     assert probe.failures == [] and probe.logins > 0
+
+
+def _audit(path: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+        return list(conn.execute("SELECT event, actor, COALESCE(detail, '') FROM audit"))
+
+
+def test_production_needs_a_second_person_and_2nd_line_told_first(world):
+    proc = subprocess.Popen(
+        world.rotor() + ["rotate", world.app, "production", "--yes",
+                         "--second-line-told", "phoned Sam on the 2nd line rota"],
+        env=world.env(), cwd=world.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    deadline = time.monotonic() + 60
+    while _step_statuses(world.state_path).get("drop-old-user") != "needs-approval":
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    refused = rotor(world, "approve", "1", actor="alice")
+    assert refused.returncode == 1
+    assert "production needs a second person" in refused.stderr
+    approved = rotor(world, "approve", "1", actor="bob")
+    assert approved.returncode == 0 and "DROP USER" in approved.stdout
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "needs a second person in production: `rotor approve 1`" in output
+    events = _audit(world.state_path)
+    notice = [e for e in events if e[0] == "second-line-notified"]
+    assert notice and "phoned Sam on the 2nd line rota" in notice[0][2]
+    names = [e[0] for e in events]
+    assert names.index("approved") < names.index("second-line-notified") < names.index("finished")
+    assert ("approved", "cli:bob", ) == events[names.index("approved")][:2]
+
+
+def test_production_without_slack_or_a_word_from_the_operator_drops_nothing(world):
+    proc = subprocess.Popen(world.rotor() + ["rotate", world.app, "production"],
+                            env=world.env(), cwd=world.workdir, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while _step_statuses(world.state_path).get("drop-old-user") != "needs-approval":
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    assert rotor(world, "approve", "1", actor="bob").returncode == 0
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "stopped at drop-old-user: 2nd line must be told" in err
+    assert world.box.app_user in world.users()  # the old user is still there
