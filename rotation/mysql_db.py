@@ -33,6 +33,18 @@ from pymysql.charset import charset_by_name
 from pymysql.connections import Connection
 
 from rotation.errors import ConfigError, DatabaseError, InvalidIdentifier, UnknownName
+from rotation.mysql_grants import (  # noqa: F401 - names callers reach through this module
+    GRANTEE,
+    Grant,
+    mask_identified,
+    normalize_grants,
+    parse_grants,
+    quote_identifier,
+    quote_server_name,
+    render_account,
+    validate_account_name,
+    validate_host,
+)
 from rotation.redact import redact, register
 
 log = logging.getLogger(__name__)
@@ -41,62 +53,10 @@ TlsMode = Literal["disabled", "required", "verify"]
 Flavor = Literal["mysql", "mariadb"]
 ObjectKind = Literal["FUNCTION", "PROCEDURE", "TRIGGER", "VIEW", "EVENT"]
 
-GRANTEE = "<grantee>"
-"""Stands for the account in normalized grants, so two users' grants compare equal but for it."""
 
 _ACCESS_DENIED = {1044, 1045, 1227, 1698}
 _UNKNOWN_THREAD = 1094
-_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-_HOST = re.compile(r"[A-Za-z0-9_.%:/\-]+")
-_SCHEMA = re.compile(r"[A-Za-z0-9_$\-]{1,64}")
 _MYSQL_PLUGINS = {"mysql_native_password", "caching_sha2_password", "sha256_password"}
-
-
-# --- names ------------------------------------------------------------------------------------
-
-
-def validate_account_name(name: str) -> str:
-    """Return `name` if it is safe as a MySQL user name: letters, digits, _ - . only."""
-    if not isinstance(name, str) or not _ACCOUNT_NAME.fullmatch(name):
-        raise InvalidIdentifier(f"user name {name!r} may only contain letters, digits, _ - .")
-    return name
-
-
-def validate_host(host: str) -> str:
-    """Return `host` if it is a plausible account host (`%`, `10.0.%`, `localhost`, `::1`)."""
-    if not isinstance(host, str) or len(host) > 255 or not _HOST.fullmatch(host):
-        raise InvalidIdentifier(
-            f"account host {host!r} may only contain letters, digits, and _ . % : / -"
-        )
-    return host
-
-
-def quote_identifier(name: str, *, server_emitted: bool = False) -> str:
-    """Backtick-quote a schema, table or column name, doubling any backtick inside it.
-
-    Names that come from people (rotor.yml, Slack) must be plain: letters, digits, _ $ -.
-    Names the server printed itself (SHOW GRANTS, information_schema) are only re-quoted.
-    """
-    if server_emitted:
-        if not name or "\x00" in name:
-            raise InvalidIdentifier(f"identifier {name!r} is empty or contains NUL")
-    elif not isinstance(name, str) or not _SCHEMA.fullmatch(name):
-        raise InvalidIdentifier(
-            f"identifier {name!r} may only contain letters, digits, _ $ - (at most 64)"
-        )
-    return "`" + name.replace("`", "``") + "`"
-
-
-def _q(name: str) -> str:
-    return quote_identifier(name, server_emitted=True)
-
-
-def _render_account(user: str, host: str | None) -> str:
-    """`user`@`host` the way MySQL 8 prints it; a MariaDB role has no host part."""
-    rendered = _q(user) if user else "''"
-    if host is None:
-        return rendered
-    return rendered + "@" + (_q(host) if host else "''")
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -241,7 +201,7 @@ def test_login(ep: Endpoint, schema: str) -> str:
             table = rows[0][0]
             _run(
                 conn,
-                f"SELECT 1 FROM {quote_identifier(schema)}.{_q(table)} LIMIT 1",  # noqa: S608
+                f"SELECT 1 FROM {quote_identifier(schema)}.{quote_server_name(table)} LIMIT 1",  # noqa: S608
                 what=f"reading `{schema}`.`{table}` as {ep}",
             )
             summary += f", read `{table}`"
@@ -518,311 +478,12 @@ def drop_user(conn: Connection, user: str, hosts: Sequence[str]) -> None:
             log.info("drop_user: dropped %s@%s", user, host)
 
 
-# --- grants -----------------------------------------------------------------------------------
-
-_TOKEN = re.compile(
-    r"""(?P<space>\s+)
-      | (?P<bq>`(?:[^`]|``)*`)
-      | (?P<sq>'(?:[^'\\]|\\.|'')*')
-      | (?P<dq>"(?:[^"\\]|\\.|"")*")
-      | (?P<word>[A-Za-z0-9_$]+)
-      | (?P<other>.)""",
-    re.X | re.S,
-)
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: str  # bq, sq, dq, word, other
-    text: str
-    start: int
-    end: int
-
-    @property
-    def value(self) -> str:
-        """The name a quoted token stands for."""
-        if self.kind == "bq":
-            return self.text[1:-1].replace("``", "`")
-        if self.kind in ("sq", "dq"):
-            quote = self.text[0]
-            inner = self.text[1:-1].replace(quote * 2, quote)
-            return re.sub(r"\\(.)", r"\1", inner)
-        return self.text
-
-    def is_word(self, *words: str) -> bool:
-        return self.kind == "word" and (not words or self.text.upper() in words)
-
-
-def _tokenize(line: str) -> list[_Token]:
-    return [
-        _Token(m.lastgroup or "other", m.group(), m.start(), m.end())
-        for m in _TOKEN.finditer(line)
-        if m.lastgroup != "space"
-    ]
-
-
-def _mask_identified(line: str) -> str:
-    """Hide the quoted password hash in MariaDB's `IDENTIFIED BY PASSWORD '*...'` and kin."""
-    out, last, inside, previous = [], 0, False, None
-    for token in _tokenize(line):
-        if token.is_word("IDENTIFIED"):
-            inside = True
-        elif token.is_word("REQUIRE") or (
-            token.is_word("WITH") and not (previous and previous.is_word("IDENTIFIED"))
-        ):
-            inside = False  # MySQL's "IDENTIFIED WITH plugin" does not end the clause
-        elif inside and token.kind in ("sq", "dq"):
-            out.append(line[last : token.start] + "'[redacted]'")
-            last = token.end
-        previous = token
-    return "".join(out) + line[last:]
-
-
-@dataclass(frozen=True)
-class _Grant:
-    """One grant in canonical form: `head` + grantee + `tail`."""
-
-    kind: Literal["privilege", "revoke", "role", "default_role"]
-    head: str  # up to the grantee, e.g. "GRANT SELECT ON `db`.* TO "
-    tail: str = ""  # after it, e.g. " WITH GRANT OPTION"
-    role: tuple[str, str | None] | None = None  # (name, host) of a granted role
-
-    @property
-    def canonical(self) -> str:
-        return f"{self.head}{GRANTEE}{self.tail}"
-
-    def statement(self) -> str:
-        """The grant as a statement taking the grantee as two `%s` parameters."""
-        return self.head.replace("%", "%%") + "%s@%s" + self.tail.replace("%", "%%")
-
-    def describe(self, user: str, host: str) -> str:
-        return f"{self.head}{_render_account(user, host)}{self.tail}"
-
-
-class _GrantParser:
-    """Reads one line of SHOW GRANTS (MySQL 5.x/8, MariaDB 10.x) into canonical grants."""
-
-    def __init__(self, line: str, user: str, host: str) -> None:
-        self.line, self.user, self.host = line, user, host
-        self.tokens = _tokenize(line)
-        self.pos = 0
-
-    def error(self, why: str) -> NoReturn:
-        raise DatabaseError(f"cannot read SHOW GRANTS line {_mask_identified(self.line)!r}: {why}")
-
-    def peek(self) -> _Token | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self) -> _Token:
-        token = self.peek()
-        if token is None:
-            self.error("it ends too early")
-        self.pos += 1
-        return token
-
-    def at(self, text: str) -> bool:
-        token = self.peek()
-        return token is not None and token.kind == "other" and token.text == text
-
-    def at_word(self, *words: str) -> bool:
-        token = self.peek()
-        return token is not None and token.is_word(*words)
-
-    def expect_word(self, *words: str) -> str:
-        token = self.take()
-        if not token.is_word(*words):
-            self.error(f"expected {' or '.join(words)}, found {token.text!r}")
-        return token.text.upper()
-
-    def name(self) -> str:
-        token = self.take()
-        if token.kind not in ("bq", "sq", "dq", "word"):
-            self.error(f"expected a name, found {token.text!r}")
-        return token.value
-
-    def account(self) -> tuple[str, str | None]:
-        user = self.name()
-        if self.at("@"):
-            self.take()
-            return user, self.name()
-        return user, None
-
-    def accounts(self) -> list[tuple[str, str | None]]:
-        found = [self.account()]
-        while self.at(","):
-            self.take()
-            found.append(self.account())
-        return found
-
-    def grantee(self) -> None:
-        user, host = self.account()
-        if user != self.user or host is None or host.lower() != self.host.lower():
-            self.error(f"it is for {user}@{host}, not {self.user}@{self.host}")
-        if self.at(","):
-            self.error("it names more than one grantee")
-
-    def has_top_level_on(self) -> bool:
-        depth = 0
-        for token in self.tokens[self.pos :]:
-            if token.kind == "other" and token.text in "()":
-                depth += 1 if token.text == "(" else -1
-            elif depth == 0 and token.is_word("TO"):
-                return False
-            elif depth == 0 and token.is_word("ON"):
-                return True
-        return False
-
-    def privileges(self) -> str:
-        items: set[tuple[str, tuple[str, ...]]] = set()
-        while True:
-            words = []
-            while self.at_word() and not self.at_word("ON"):
-                words.append(self.take().text.upper())
-            if not words:
-                self.error("expected a privilege")
-            columns: tuple[str, ...] = ()
-            if self.at("("):
-                self.take()
-                names = [self.name()]
-                while self.at(","):
-                    self.take()
-                    names.append(self.name())
-                if not self.at(")"):
-                    self.error("a column list is not closed")
-                self.take()
-                columns = tuple(sorted(set(names)))
-            name = " ".join(words)
-            items.add(("ALL PRIVILEGES" if name == "ALL" else name, columns))
-            if not self.at(","):
-                break
-            self.take()
-        self.expect_word("ON")
-        return ", ".join(
-            name + (f" ({', '.join(_q(c) for c in cols)})" if cols else "")
-            for name, cols in sorted(items)
-        )
-
-    def level(self, privileges: str) -> str:
-        if privileges == "PROXY":
-            return _render_account(*self.account())
-        prefix = ""
-        if self.at_word("FUNCTION", "PROCEDURE", "PACKAGE", "TABLE"):
-            kind = self.take().text.upper()
-            if kind == "PACKAGE" and self.at_word("BODY"):
-                kind += " " + self.take().text.upper()
-            prefix = "" if kind == "TABLE" else kind + " "
-        parts = []
-        while True:
-            if self.at("*"):
-                self.take()
-                parts.append("*")
-            else:
-                parts.append(_q(self.name()))
-            if not self.at("."):
-                break
-            self.take()
-        if len(parts) > 2:
-            self.error("the privilege level has too many parts")
-        return prefix + ".".join(parts)
-
-    def options(self) -> tuple[bool, bool]:
-        """Skip the account's own clauses; return (WITH GRANT OPTION, WITH ADMIN OPTION)."""
-        grant_option = admin_option = False
-        while self.peek() is not None:
-            keyword = self.expect_word("IDENTIFIED", "REQUIRE", "WITH")
-            if keyword == "IDENTIFIED":
-                if self.at_word("WITH"):  # MySQL: IDENTIFIED WITH plugin [AS 'hash']
-                    self.take()
-                while self.peek() is not None and not self.at_word("REQUIRE", "WITH"):
-                    self.take()
-            elif keyword == "REQUIRE":
-                while self.peek() is not None and not self.at_word("WITH"):
-                    self.take()
-            else:
-                while self.peek() is not None:
-                    option = self.expect_word()
-                    if option in ("GRANT", "ADMIN"):
-                        self.expect_word("OPTION")
-                        grant_option |= option == "GRANT"
-                        admin_option |= option == "ADMIN"
-                    elif option.startswith("MAX_"):  # resource limits belong to the account
-                        while self.peek_is_number() or self.at("."):
-                            self.take()
-                    else:
-                        self.error(f"unknown option {option}")
-        return grant_option, admin_option
-
-    def peek_is_number(self) -> bool:
-        token = self.peek()
-        return token is not None and token.text.isdigit()
-
-    def parse(self) -> list[_Grant]:
-        first = self.expect_word("GRANT", "REVOKE", "SET")
-        if first == "SET":
-            self.expect_word("DEFAULT")
-            self.expect_word("ROLE")
-            defaults = sorted(_render_account(*r) for r in self.accounts())
-            to = self.expect_word("FOR", "TO")
-            self.grantee()
-            if self.peek() is not None:
-                self.error("unexpected text after the grantee")
-            return [_Grant("default_role", f"SET DEFAULT ROLE {', '.join(defaults)} {to} ")]
-        if first == "REVOKE":
-            privileges = self.privileges()
-            level = self.level(privileges)
-            self.expect_word("FROM")
-            self.grantee()
-            if self.peek() is not None:
-                self.error("unexpected text after the grantee")
-            return [_Grant("revoke", f"REVOKE {privileges} ON {level} FROM ")]
-        if not self.has_top_level_on():
-            roles = self.accounts()
-            self.expect_word("TO")
-            self.grantee()
-            _, admin_option = self.options()
-            tail = " WITH ADMIN OPTION" if admin_option else ""
-            return [
-                _Grant("role", f"GRANT {_render_account(*role)} TO ", tail, role) for role in roles
-            ]
-        privileges = self.privileges()
-        level = self.level(privileges)
-        self.expect_word("TO")
-        self.grantee()
-        grant_option, _ = self.options()
-        return [
-            _Grant(
-                "privilege",
-                f"GRANT {privileges} ON {level} TO ",
-                " WITH GRANT OPTION" if grant_option else "",
-            )
-        ]
-
-
-def _parse_grants(lines: Sequence[str], user: str, host: str) -> list[_Grant]:
-    seen: dict[str, _Grant] = {}
-    for line in lines:
-        for grant in _GrantParser(line, user, host).parse():
-            seen.setdefault(grant.canonical, grant)
-    return list(seen.values())
-
-
-def normalize_grants(lines: Sequence[str], user: str, host: str) -> frozenset[str]:
-    """SHOW GRANTS output in a canonical form, with the grantee replaced by `GRANTEE`.
-
-    Two users' sets are equal exactly when they hold the same grants. Privilege and column
-    lists are sorted, names re-quoted with backticks, and what belongs to the account rather
-    than its grants (IDENTIFIED ..., REQUIRE ..., WITH MAX_...) is dropped; WITH GRANT OPTION
-    and WITH ADMIN OPTION stay.
-    """
-    return frozenset(grant.canonical for grant in _parse_grants(lines, user, host))
-
-
 def show_grants(conn: Connection, user: str, host: str) -> list[str]:
     """SHOW GRANTS FOR user@host, with MariaDB's password hash masked."""
     validate_account_name(user)
     validate_host(host)
     rows = _run(conn, "SHOW GRANTS FOR %s@%s", (user, host), what=f"SHOW GRANTS FOR {user}@{host}")
-    return [_mask_identified(str(row[0])) for row in rows]
+    return [mask_identified(str(row[0])) for row in rows]
 
 
 def _grant_lines(conn: Connection, user: str, host: str) -> list[str]:
@@ -837,13 +498,13 @@ def _grant_lines(conn: Connection, user: str, host: str) -> list[str]:
             what=f"reading default roles of {user}@{host}",
         )
         if rows:
-            roles = ", ".join(_render_account(_text(u), _text(h)) for u, h in rows)
-            lines.append(f"SET DEFAULT ROLE {roles} TO {_render_account(user, host)}")
+            roles = ", ".join(render_account(_text(u), _text(h)) for u, h in rows)
+            lines.append(f"SET DEFAULT ROLE {roles} TO {render_account(user, host)}")
     return lines
 
 
-def _grants(conn: Connection, user: str, host: str) -> list[_Grant]:
-    return _parse_grants(_grant_lines(conn, user, host), user, host)
+def _grants(conn: Connection, user: str, host: str) -> list[Grant]:
+    return parse_grants(_grant_lines(conn, user, host), user, host)
 
 
 def grants_match(
@@ -856,9 +517,9 @@ def grants_match(
 
 
 def _role_admin_error(role: tuple[str, str | None], new: str, admin: str) -> DatabaseError:
-    name = _render_account(*role)
+    name = render_account(*role)
     admin_user, _, admin_host = admin.partition("@")
-    grantee = _render_account(admin_user, admin_host)
+    grantee = render_account(admin_user, admin_host)
     return DatabaseError(
         f"cannot grant role {name} to {new}: {admin} does not hold it WITH ADMIN OPTION"
         " (MariaDB demands that even of root; MySQL 8 also accepts ROLE_ADMIN); have an"
@@ -1028,13 +689,15 @@ def _object_state(conn: Connection, obj: DefinedObject) -> dict[str, Any] | None
 
 
 def _describe(obj: DefinedObject) -> str:
-    return f"{obj.kind} {_q(obj.schema)}.{_q(obj.name)}"
+    return f"{obj.kind} {quote_server_name(obj.schema)}.{quote_server_name(obj.name)}"
 
 
 def _show_create(conn: Connection, obj: DefinedObject) -> _Definition:
     with conn.cursor(pymysql.cursors.DictCursor) as cur:
         try:
-            cur.execute(f"SHOW CREATE {obj.kind} {_q(obj.schema)}.{_q(obj.name)}")
+            cur.execute(
+                f"SHOW CREATE {obj.kind} {quote_server_name(obj.schema)}.{quote_server_name(obj.name)}"
+            )
             row = cur.fetchone()
         except pymysql.err.MySQLError as exc:
             _fail(f"SHOW CREATE {_describe(obj)}", exc)
@@ -1115,8 +778,8 @@ def _trigger_order(conn: Connection, obj: DefinedObject, state: dict[str, Any]) 
         return ""
     index = names.index(obj.name)
     if index + 1 < len(names):
-        return f" PRECEDES {_q(names[index + 1])}"
-    return f" FOLLOWS {_q(names[index - 1])}" if index > 0 else ""
+        return f" PRECEDES {quote_server_name(names[index + 1])}"
+    return f" FOLLOWS {quote_server_name(names[index - 1])}" if index > 0 else ""
 
 
 def _routine_grants(conn: Connection, obj: DefinedObject) -> list[tuple[str, str, str]]:
@@ -1143,9 +806,7 @@ def _regrant_routine(
         privileges = [p.upper() for p in names if p in ("Execute", "Alter Routine")]
         if not privileges:
             continue
-        statement = (
-            f"GRANT {', '.join(privileges)} ON {obj.kind} {_q(obj.schema)}.{_q(obj.name)} TO "
-        )
+        statement = f"GRANT {', '.join(privileges)} ON {obj.kind} {quote_server_name(obj.schema)}.{quote_server_name(obj.name)} TO "
         statement += "%s@%s" if host else "%s"  # a MariaDB role has no host
         statement += " WITH GRANT OPTION" if "Grant" in names else ""
         _run(
@@ -1190,7 +851,7 @@ def redefine_object(conn: Connection, obj: DefinedObject) -> None:
         with _creation_session(conn, definition):
             _run(
                 conn,
-                f"ALTER DEFINER = CURRENT_USER EVENT {_q(obj.schema)}.{_q(obj.name)} {status}",
+                f"ALTER DEFINER = CURRENT_USER EVENT {quote_server_name(obj.schema)}.{quote_server_name(obj.name)} {status}",
                 what=f"changing the definer of {_describe(obj)}",
             )
     else:
@@ -1216,7 +877,7 @@ def _using(conn: Connection, schema: str) -> Iterator[None]:
         try:
             conn.select_db(schema)
         except pymysql.err.MySQLError as exc:
-            _fail(f"USE {_q(schema)}", exc)
+            _fail(f"USE {quote_server_name(schema)}", exc)
     try:
         yield
     finally:
@@ -1224,7 +885,7 @@ def _using(conn: Connection, schema: str) -> Iterator[None]:
             try:
                 conn.select_db(previous)
             except pymysql.err.MySQLError as exc:
-                _fail(f"USE {_q(previous)}", exc)
+                _fail(f"USE {quote_server_name(previous)}", exc)
 
 
 def _replace_dropped(conn: Connection, obj: DefinedObject, statement: str, charset: str) -> None:
@@ -1259,7 +920,7 @@ def _redefine_routine(conn: Connection, obj: DefinedObject, definition: _Definit
                 conn, create("CREATE OR REPLACE", head.group("name")), charset, what=what
             )
         return
-    trial = _q("rotor_check_" + secrets.token_hex(6))
+    trial = quote_server_name("rotor_check_" + secrets.token_hex(6))
     grants = _routine_grants(conn, obj)  # DROP deletes them
     with _creation_session(conn, definition):
         _execute_as_client(
@@ -1270,7 +931,11 @@ def _redefine_routine(conn: Connection, obj: DefinedObject, definition: _Definit
             f"DROP {obj.kind} IF EXISTS {prefix}{trial}",
             what=f"{what} (dropping the trial copy)",
         )
-        _run(conn, f"DROP {obj.kind} {_q(obj.schema)}.{_q(obj.name)}", what=what)
+        _run(
+            conn,
+            f"DROP {obj.kind} {quote_server_name(obj.schema)}.{quote_server_name(obj.name)}",
+            what=what,
+        )
         _replace_dropped(conn, obj, create("CREATE", head.group("name")), charset)
     _regrant_routine(conn, obj, grants)
 
@@ -1301,8 +966,8 @@ def _redefine_trigger(
         return
     # MySQL 8 has no CREATE OR REPLACE TRIGGER. With the table write-locked no row slips
     # through between DROP and CREATE, and the trial copy never fires.
-    trial = _q("rotor_check_" + secrets.token_hex(6))
-    table = f"{_q(obj.schema)}.{_q(str(state['EVENT_OBJECT_TABLE']))}"
+    trial = quote_server_name("rotor_check_" + secrets.token_hex(6))
+    table = f"{quote_server_name(obj.schema)}.{quote_server_name(str(state['EVENT_OBJECT_TABLE']))}"
     _run(conn, f"LOCK TABLES {table} WRITE", what=f"{what} (locking {table})")
     try:
         with _creation_session(conn, definition):
@@ -1314,10 +979,14 @@ def _redefine_trigger(
             )
             _run(
                 conn,
-                f"DROP TRIGGER IF EXISTS {_q(obj.schema)}.{trial}",
+                f"DROP TRIGGER IF EXISTS {quote_server_name(obj.schema)}.{trial}",
                 what=f"{what} (dropping the trial copy)",
             )
-            _run(conn, f"DROP TRIGGER {_q(obj.schema)}.{_q(obj.name)}", what=what)
+            _run(
+                conn,
+                f"DROP TRIGGER {quote_server_name(obj.schema)}.{quote_server_name(obj.name)}",
+                what=what,
+            )
             _replace_dropped(conn, obj, create("CREATE", head.group("name")), charset)
     finally:
         _run(conn, "UNLOCK TABLES", what="UNLOCK TABLES")
