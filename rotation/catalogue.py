@@ -34,6 +34,7 @@ class Waits(_Model):
     rollout_start: float = 120  # restart the Deployment if no new pod appears within this
     rollout: float = 900
     drain: float = 900  # old connections may linger this long before Rotor offers to kill them
+    restore_grace: float = 6 * 3600  # after an overnight restore is due, how long to keep looking
     first_check: float = 0.05
     max_check: float = 30
 
