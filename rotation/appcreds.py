@@ -10,13 +10,12 @@ step needs it, and becomes AWSCURRENT only after a login with it succeeded.
 
 from __future__ import annotations
 
-import math
 import secrets
 import string
 from collections.abc import Callable
 from typing import Any
 
-from rotation import redact
+from rotation import consumers, redact
 from rotation import secrets as sm_secrets
 from rotation.catalogue import AppTarget
 from rotation.engine import Context, Done, Outcome, Step, Wait
@@ -111,66 +110,31 @@ def sync_external_secret(ctx: Context, env: str | None = None) -> Outcome:
     t = target(ctx, env)
     kube = ctx.clients.kube(env)
     state = ctx.data.setdefault("sync", {}).setdefault(env, {})
-    if "epoch" not in state:
-        before = kube.external_secret(t.namespace, t.external_secret)
-        pods = kube.deployment_pods(t.namespace, t.deployment)
-        # Strictly increasing, so a retry within the same second still forces a new sync.
-        epoch = max(int(ctx.now()), state.get("last_epoch", 0) + 1)
-        state.update(baseline=before.synced_resource_version, synced_at=ctx.now(),
-                     epoch=epoch, last_epoch=epoch, pods_before=sorted(p.uid for p in pods))
-        ctx.save()
-    kube.force_sync(t.namespace, t.external_secret, state["epoch"])  # same epoch: idempotent
-    status = kube.external_secret(t.namespace, t.external_secret)
-    # ESO reports an error only once it has tried; the condition may still be the one from
-    # before our force-sync, so an error counts after a short grace.
-    if status.reason == "SecretSyncedError" and ctx.waited >= ctx.catalogue.waits.sync_error_grace:
-        del state["epoch"]  # a retry forces a fresh sync
-        raise StepFailed(f"ExternalSecret {t.namespace}/{t.external_secret} failed to sync: "
-                         f"{status.message or 'SecretSyncedError'}")
-    if (status.synced_resource_version != state["baseline"] and status.ready
-            and status.reason == "SecretSynced"):
-        user = kube.url_username(t.namespace, status.target_secret, t.secret_key)
-        expected = ctx.data["new_username"]
-        if user != expected:
-            raise StepFailed(f"Secret {t.namespace}/{status.target_secret} {t.secret_key} uses "
-                             f"{user}, expected {expected}")
-        return Done(f"ExternalSecret {t.namespace}/{t.external_secret} synced; "
-                    f"{t.secret_key} now uses {user}")
-    return Wait(f"ExternalSecret {t.namespace}/{t.external_secret} to sync",
-                timeout=ctx.catalogue.waits.sync)
+    if "epoch" not in state:  # a first sync, or a retry: note the pods it must replace
+        state["pods_before"] = consumers.pod_uids(kube, t.namespace, t.deployment)
+    status = consumers.force_sync(ctx, kube, t.namespace, t.external_secret, state)
+    if status is None:
+        return Wait(f"ExternalSecret {t.namespace}/{t.external_secret} to sync",
+                    timeout=ctx.catalogue.waits.sync)
+    user = kube.url_username(t.namespace, status.target_secret, t.secret_key)
+    expected = ctx.data["new_username"]
+    if user != expected:
+        raise StepFailed(f"Secret {t.namespace}/{status.target_secret} {t.secret_key} uses "
+                         f"{user}, expected {expected}")
+    return Done(f"ExternalSecret {t.namespace}/{t.external_secret} synced; "
+                f"{t.secret_key} now uses {user}")
 
 
 def rollout(ctx: Context, env: str | None = None) -> Outcome:
     """Runbook: "Check application variables": every ready pod started after the sync."""
     env = env or ctx.env
     t = target(ctx, env)
-    kube = ctx.clients.kube(env)
-    waits = ctx.catalogue.waits
     sync = ctx.data["sync"][env]
-    state = ctx.data.setdefault("rollout", {}).setdefault(env, {})
-    where = f"deployment {t.namespace}/{t.deployment}"
-    deployment = kube.deployment(t.namespace, t.deployment)
-    if deployment.progress_deadline_exceeded:
-        raise StepFailed(f"{where} rollout failed: ProgressDeadlineExceeded")
-    if deployment.replicas == 0:
-        return Done(f"{where} is scaled to zero; nothing to roll")
-    before = set(sync["pods_before"])
-    # Kubernetes timestamps have whole seconds: compare against the second of the sync.
-    since = math.floor(sync["synced_at"])
-    ready = [p for p in kube.deployment_pods(t.namespace, t.deployment) if p.ready]
-    fresh = [p for p in ready if p.uid not in before
-             and p.start_time is not None and p.start_time.timestamp() >= since]
-    if ready and len(fresh) == len(ready) and deployment.complete:
-        how = " after a restart" if state.get("restarted_at") else ""
-        return Done(f"{where}: all {len(fresh)} ready pods started after the sync{how}")
-    if not fresh and not state.get("restarted_at") and ctx.waited >= waits.rollout_start:
-        kube.restart_deployment(t.namespace, t.deployment, ctx.today())
-        state["restarted_at"] = ctx.now()
-        ctx.save()
-        ctx.log.info("no pod started within %ss of the sync; restarted %s",
-                     int(waits.rollout_start), where)
-        return Wait(f"{where} to roll out after a restart", timeout=waits.rollout)
-    return Wait(f"{where} to roll out with the new secret", timeout=waits.rollout)
+    return consumers.roll_out(
+        ctx, ctx.clients.kube(env), t.namespace, t.deployment, since=sync["synced_at"],
+        pods_before=sync["pods_before"],
+        state=ctx.data.setdefault("rollout", {}).setdefault(env, {}),
+        restart_after=ctx.catalogue.waits.rollout_start)
 
 
 def shared_steps(env: str | None = None, suffix: str = "") -> list[Step]:
