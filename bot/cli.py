@@ -309,5 +309,26 @@ def serve(obj: _Obj) -> None:
     run(obj.settings)
 
 
+@main.command()
+@click.argument("env", required=False)
+@click.pass_obj
+def keys(obj: _Obj, env: str | None) -> None:
+    """Access keys due for rotation in ENV (or every environment), from the credential report."""
+    from rotation.iam import key_age_report
+
+    engine = obj.engine
+    for name in [env] if env else list(engine.catalogue.environments):
+        report = key_age_report(engine.clients, engine.catalogue, name, engine.clock())
+        click.echo(f"{name}: {len(report.overdue)} overdue (older than {report.max_age_days} "
+                   f"days), {len(report.due_soon)} due soon ({report.warn_days} days or more); "
+                   f"{report.active_keys} active keys of {report.users} users")
+        for found in report.findings:
+            state = "overdue " if found.overdue else "due soon"
+            how = f"rotor rotate-key {found.user} {name}" if found.rotatable else \
+                "not in rotor.yml: rotate by hand"
+            click.echo(f"  {state} {found.user:<32} key {found.slot} {found.age_days:>5} days "
+                       f"old, last used {_when(found.last_used)}  {how}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

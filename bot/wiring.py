@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bot.settings import Settings
-from rotation import mysql
+from rotation import iam, managed_secret, mysql, postgres, rds_admin
 from rotation.clients import Clients
 from rotation.engine import Engine, Kind, SecondLine
 from rotation.redact import RedactingFilter
@@ -19,7 +19,10 @@ from rotation.store import Store
 
 def kinds(extra: str | None = None) -> dict[str, Kind]:
     """The rotation kinds this process runs, plus any named by ROTOR_EXTRA_KINDS."""
-    found: dict[str, Kind] = {mysql.KIND.name: mysql.KIND}
+    found: dict[str, Kind] = {mysql.KIND.name: mysql.KIND, postgres.KIND.name: postgres.KIND}
+    found[iam.KIND.name] = iam.KIND
+    found[managed_secret.KIND.name] = managed_secret.KIND
+    found[rds_admin.KIND.name] = rds_admin.KIND
     if extra:
         module_name, _, attribute = extra.partition(":")
         found.update(getattr(importlib.import_module(module_name), attribute or "KINDS"))
