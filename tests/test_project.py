@@ -56,3 +56,41 @@ def test_the_image_is_slim_non_root_and_ships_every_package():
 def test_the_console_script_is_rotor():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"rotor": "bot.cli:main"}
+
+
+CATALOGUE = """
+environments:
+  staging: {aws_region: eu-west-1, restored_from: production, restore_time: "03:00"}
+  production: {aws_region: eu-west-1}
+apps:
+  signon: {engine: mysql}
+  account-api: {engine: postgres}
+iam_users:
+  logs:
+    environments:
+      production:
+        secrets: [{id: govuk/logs}]
+        manual: [{place: Fastly, instruction: Paste it}]
+secrets:
+  serverless: {environments: {production: {ecs_services: [{cluster: c, service: s}]}}}
+databases:
+  signon: {engine: mysql, apps: [signon]}
+"""
+
+
+def test_every_step_of_every_kind_is_in_the_readmes_runbook_table():
+    from bot.wiring import kinds
+    from rotation import catalogue
+
+    cat = catalogue.parse(CATALOGUE)
+    runs = [("mysql", "signon", {}), ("postgres", "account-api", {}),
+            ("postgres", "account-api", {"compromised": True}), ("iam-key", "logs", {}),
+            ("secret", "serverless", {}), ("rds-admin", "signon", {})]
+    table = README[README.index("## Every runbook step"):]
+    registered = kinds()
+    assert {kind for kind, _, _ in runs} == set(registered)
+    for kind, target, params in runs:
+        for step in registered[kind].steps(cat, target, "production", params):
+            name = re.sub(r"^(manual)-.*", r"\1-<place>", step.name)
+            name = re.sub(r"^(rollback)-.*", r"\1-*", name)
+            assert f"`{name}`" in table, f"{kind} step {step.name} is missing from README.md"
