@@ -14,21 +14,16 @@ compared in memory and never kept or shown.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
-
-import kubernetes
 
 from rotation import ecs
 from rotation.catalogue import Consumers, EcsService
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
 from rotation.errors import StepFailed
-from rotation.kube import FORCE_SYNC_ANNOTATION, ExternalSecretStatus, Kube, _api_errors
+from rotation.kube import FORCE_SYNC_ANNOTATION, ExternalSecretStatus, Kube
 
 
 @dataclass(frozen=True)
@@ -146,29 +141,11 @@ def roll_out(
 
 
 def secret_problem(kube: Kube, namespace: str, name: str, expected: Expected) -> str | None:
-    """Why the Secret does not show `expected`, or None when it does.
-
-    The Secret's values are compared here and dropped: none leaves this function, so none is
-    registered with the redactor (registering names such as an access key id would make the
-    store refuse every row that mentions them)."""
-    with _api_errors(f"Secret {namespace}/{name}", "read"):
-        secret = kubernetes.client.CoreV1Api(kube.api_client).read_namespaced_secret(
-            name, namespace, _request_timeout=kube.timeout
-        )
-    held = []
-    for encoded in (secret.data or {}).values():
-        try:
-            value = base64.b64decode(encoded, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            continue  # binary data cannot hold a text value
-        held.append(value)
-
-    def shown(value: str) -> bool:
-        return any(value in item or quote(value, safe="") in item for item in held)
-
-    if any(shown(v) for v in expected.old if v):
+    """Why the Secret does not show `expected`, or None when it does (values never leave
+    `Kube.secret_contains`)."""
+    if kube.secret_contains(namespace, name, expected.old):
         return f"Secret {namespace}/{name} still holds the old value"
-    if expected.new and not any(shown(v) for v in expected.new if v):
+    if expected.new and not kube.secret_contains(namespace, name, expected.new):
         return f"Secret {namespace}/{name} does not hold the new value"
     return None
 

@@ -196,6 +196,10 @@ class Context:
             raise _NeedsApproval(key, instruction, False)
         return self.step.decided_by or "?"
 
+    def consume(self, name: str) -> None:
+        """Forget an honoured request, so the same button works again later."""
+        self.data.get("_requests", {}).pop(name, None)
+
     def requested(self, name: str) -> str | None:
         """Who asked for `name` (e.g. "rollback") through `Engine.request`, if anyone."""
         requests = self.engine.store.rotation(self.rotation.id).data.get("_requests", {})

@@ -548,11 +548,6 @@ def deactivate(ctx: Context) -> Outcome:
     )
 
 
-def _consume(ctx: Context, request: str) -> None:
-    """Forget an honoured request, so the button works again later in this rotation."""
-    ctx.data.get("_requests", {}).pop(request, None)
-
-
 def grace(ctx: Context) -> Outcome:
     """Runbook 5: an inactive key "can quickly be made active again": the grace period.
 
@@ -569,7 +564,7 @@ def grace(ctx: Context) -> Outcome:
             _set_status(iam, ctx.target, old_id, ACTIVE)
         ctx.data["reactivated_by"] = who
         ctx.data["reactivations"] = ctx.data.get("reactivations", 0) + 1
-        _consume(ctx, REACTIVATE)
+        ctx.consume(REACTIVATE)
         ctx.save()
         ctx.log.info("reactivated %s for %s", old_id, who)
         old = _find(_keys(ctx), old_id) or old
@@ -612,7 +607,7 @@ def delete_old_key(ctx: Context) -> Outcome:
     if who:  # asked for while the deletion waited for approval: reactivating is the safe side
         if not old.active:
             _set_status(iam, user, old_id, ACTIVE)
-        _consume(ctx, REACTIVATE)
+        ctx.consume(REACTIVATE)
         raise StepFailed(
             f"{old_id} reactivated for {who} instead of deleted: something still "
             "needs it; cancel this rotation (both keys stay active) and rotate "

@@ -17,12 +17,12 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import kubernetes
 import urllib3
@@ -213,6 +213,24 @@ class Kube:
             ) from None
         redact.register(value)
         return value
+
+    def secret_contains(self, namespace: str, name: str, values: Iterable[str]) -> bool:
+        """Whether any of the Secret's values holds any of `values`, plainly or URL-quoted.
+
+        The comparison happens here and the Secret's values go nowhere: nothing is returned
+        or registered (registering, say, an access key id would make the store refuse every
+        row that names it)."""
+        with _api_errors(f"Secret {namespace}/{name}", "read"):
+            secret = self._core.read_namespaced_secret(
+                name, namespace, _request_timeout=self.timeout
+            )
+        held = []
+        for encoded in (secret.data or {}).values():
+            try:
+                held.append(base64.b64decode(encoded, validate=True).decode("utf-8"))
+            except (binascii.Error, UnicodeDecodeError):
+                continue  # binary data cannot hold a text value
+        return any(v in item or quote(v, safe="") in item for v in values if v for item in held)
 
     def url_username(self, namespace: str, name: str, key: str = "DATABASE_URL") -> str:
         """The user in the Secret's connection URL (runbook: "check that the username:password
