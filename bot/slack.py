@@ -1,0 +1,106 @@
+"""Rotor's Slack clients: the Web API client with its retries, group lookups, the Bolt app."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+from urllib.error import URLError
+
+from slack_bolt import App
+from slack_bolt.authorization import AuthorizeResult
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import (
+    ConnectionErrorRetryHandler,
+    RateLimitErrorRetryHandler,
+)
+
+from rotation.errors import NotAllowed
+
+log = logging.getLogger("rotor.slack")
+
+# What a Web API call raises: Slack's error answer, or no answer (refused, reset, timed out).
+SLACK_ERRORS = (SlackApiError, OSError, http.client.HTTPException)
+
+# Calls that create something: repeating one whose request may have reached Slack could post
+# twice, so these are retried only when the connection was never made.
+_NOT_IDEMPOTENT = ("chat.postMessage", "chat.postEphemeral")
+
+
+class ConnectionRetry(ConnectionErrorRetryHandler):
+    """slack_sdk's connection-error retries, minus retries that could post a message twice."""
+
+    def _can_retry(self, *, state: Any, request: Any, response: Any = None,
+                   error: Exception | None = None) -> bool:
+        if not super()._can_retry(state=state, request=request, response=response, error=error):
+            return False
+        if str(request.url).endswith(_NOT_IDEMPOTENT):
+            return isinstance(error, URLError) and isinstance(error.reason,
+                                                               ConnectionRefusedError)
+        return True
+
+
+def web_client(token: str | None, base_url: str | None, *, timeout: int = 10) -> WebClient:
+    """A Web API client for `base_url` (SLACK_API_URL), retrying 429s and dropped connections."""
+    url = base_url or WebClient.BASE_URL
+    return WebClient(token=token, base_url=url if url.endswith("/") else url + "/",
+                     timeout=timeout,
+                     retry_handlers=[ConnectionRetry(max_retry_count=2),
+                                     RateLimitErrorRetryHandler(max_retry_count=3)])
+
+
+class GroupMembers:
+    """Who is in a Slack user group, from usergroups.users.list, cached for a short while."""
+
+    def __init__(self, client: WebClient, ttl: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.ttl = ttl
+        self.clock = clock
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, group: str) -> Collection[str]:
+        with self._lock:
+            cached = self._cache.get(group)
+        if cached and cached[0] > self.clock():
+            return cached[1]
+        try:
+            users = frozenset(self.client.usergroups_users_list(usergroup=group)["users"])
+        except SLACK_ERRORS as exc:  # Slack's answer decides a permission: fail closed, say why
+            log.warning("policy: could not list members of %s: %s", group, exc)
+            raise NotAllowed(f"could not check who is in <!subteam^{group}> (Slack did not "
+                             "answer); try again in a minute") from None
+        with self._lock:
+            self._cache[group] = (self.clock() + self.ttl, users)
+        return users
+
+
+def bolt_app(client: WebClient, signing_secret: str | None, *, socket_mode: bool) -> App:
+    """A Bolt app that authorizes with the bot token without calling Slack per request.
+
+    Bolt's default single-workspace authorization calls auth.test on the first request, so a
+    Web API outage would turn every command into an error; the token is all Rotor needs.
+    Listeners run in the request's own thread (`process_before_response`): they only ack and
+    enqueue, so the answer goes back at once, without a hop through Bolt's listener pool and
+    its 10 ms wait for the ack.
+    """
+    token = client.token
+
+    def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
+        return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id, bot_token=token)
+
+    listener_client = WebClient(base_url=client.base_url, timeout=client.timeout,
+                                retry_handlers=list(client.retry_handlers))
+    return App(
+        name="rotor",
+        client=listener_client,
+        authorize=authorize,
+        signing_secret=signing_secret or "",
+        request_verification_enabled=not socket_mode,
+        process_before_response=True,
+    )

@@ -1,0 +1,95 @@
+"""Button clicks: approve, reject, retry, cancel, hold, ask again, rotate the next environment.
+
+Each click is acked at once and its work queued. Decisions are compare-and-set in the engine,
+so a double click or a second process wins once; the loser is told why, in one line. On
+success the thread itself changes (the reporter replaces the buttons), so there is no reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from handlers import BadRequest, Deps, Reply, enqueue, messages, parse_value, sender
+
+Work = Callable[[Deps, dict[str, Any], str, Reply], None]
+
+
+def _step(target: dict[str, Any]) -> str:
+    step = target.get("step")
+    if not step:
+        raise BadRequest("that button names no step")
+    return str(step)
+
+
+def approve(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    """Approve a gate; on a guided step this is "Done", said by whoever did the work."""
+    rotation = deps.engine.store.rotation(target["rotation"])
+    step = rotation.step(_step(target))
+    if step.guided:
+        deps.policy.check_start(user, rotation.env)
+    else:
+        deps.policy.check_approve(user, rotation.env)
+    deps.engine.approve(rotation.id, step.name, user)
+
+
+def reject(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    rotation = deps.engine.store.rotation(target["rotation"])
+    deps.policy.check_approve(user, rotation.env)
+    deps.engine.reject(rotation.id, _step(target), user)
+
+
+def hold(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    # Anyone who sees the 2nd line notice may hold: a hold only ever stops a step.
+    deps.engine.hold(target["rotation"], _step(target), user)
+
+
+def ask_again(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    rotation = deps.engine.store.rotation(target["rotation"])
+    deps.policy.check_start(user, rotation.env)
+    deps.engine.ask_again(rotation.id, _step(target), user)
+
+
+def retry(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    rotation = deps.engine.store.rotation(target["rotation"])
+    deps.policy.check_start(user, rotation.env)
+    deps.engine.retry(rotation.id, user)
+
+
+def cancel(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    rotation = deps.engine.store.rotation(target["rotation"])
+    deps.policy.check_start(user, rotation.env)
+    deps.engine.cancel(rotation.id, user)
+
+
+def rotate_next(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    """Start the same rotation in the environment the button names, as the clicker."""
+    finished = deps.engine.store.rotation(target["rotation"])
+    env = target.get("env")
+    if not isinstance(env, str):
+        raise BadRequest("that button names no environment")
+    deps.policy.check_start(user, env)
+    rotation = deps.engine.start(finished.kind, finished.target, env, user, finished.params)
+    reply(messages.started(rotation, deps.channel))
+
+
+WORK: dict[str, Work] = {
+    messages.APPROVE: approve, messages.REJECT: reject, messages.HOLD: hold,
+    messages.ASK_AGAIN: ask_again, messages.RETRY: retry, messages.CANCEL: cancel,
+    messages.ROTATE_NEXT: rotate_next,
+}
+
+
+def _listener(deps: Deps, action_id: str, work: Work) -> Callable[..., None]:
+    def clicked(ack: Any, body: dict[str, Any], action: dict[str, Any], respond: Any) -> None:
+        ack()
+        enqueue(deps, action_id, body, respond,
+                lambda reply: work(deps, parse_value(action), sender(body), reply), once=True)
+
+    clicked.__name__ = f"clicked_{action_id}"
+    return clicked
+
+
+def register(app: Any, deps: Deps) -> None:
+    for action_id, work in WORK.items():
+        app.action(action_id)(_listener(deps, action_id, work))

@@ -1,0 +1,579 @@
+"""Every string Rotor shows in Slack, and every Block Kit structure it sends.
+
+Builders return `(text, blocks)`: `text` is the notification and screen-reader fallback,
+`blocks` what people see. Every builder's output goes through `rotation.redact`, so a secret
+that slipped into a step result or an error still never reaches Slack. Text a person typed is
+escaped before it is echoed, so `<!channel>` in a command stays text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+from rotation import redact
+from rotation.store import ACTIVE, CANCELLED, DONE, AuditRow, RotationRow, StepRow
+
+# Action IDs of every button Rotor sends (manifest.yml and README.md list them too).
+APPROVE = "approve"
+REJECT = "reject"
+RETRY = "retry"
+CANCEL = "cancel"
+HOLD = "hold"
+ASK_AGAIN = "ask_again"
+ROTATE_NEXT = "rotate_next"
+ACTIONS = (APPROVE, REJECT, RETRY, CANCEL, HOLD, ASK_AGAIN, ROTATE_NEXT)
+
+COMMAND = "/rotate"
+HELP = f"""\
+*{COMMAND}* runs credential rotations from the runbooks, step by step, in a thread.
+`{COMMAND} APP ENV [--compromised]` start rotating APP's database credentials in ENV
+`{COMMAND} plan APP ENV` dry run: the steps and what preflight finds (only you see it)
+`{COMMAND} status [APP ENV | ID]` where a rotation is
+`{COMMAND} list` active and recent rotations
+`{COMMAND} cancel ID` stop a rotation, leaving the app on credentials that work
+`{COMMAND} retry ID` run a rotation's failed step again
+`{COMMAND} key USER ENV` · `{COMMAND} keys [ENV]` · `{COMMAND} secret SECRET_ID ENV` · \
+`{COMMAND} admin DATABASE ENV` other runbooks
+`{COMMAND} help` this text"""
+USAGE = (f"Usage: `{COMMAND} APP ENV`, `{COMMAND} plan APP ENV`, `{COMMAND} status [APP ENV | ID]`,"
+         f" `{COMMAND} list`, `{COMMAND} cancel ID`, `{COMMAND} retry ID` (`{COMMAND} help` "
+         "for more)")
+
+SYMBOL = {"done": ":white_check_mark:", "skipped": ":heavy_minus_sign:", "failed": ":x:",
+          "waiting": ":hourglass_flowing_sand:", "needs-approval": ":raising_hand:",
+          "running": ":arrow_forward:", "pending": ":white_small_square:"}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Message = tuple[str, list[dict[str, Any]]]
+
+
+def _safe(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return redact.redact(obj)
+    if isinstance(obj, dict):
+        return {k: _safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_safe(v) for v in obj)
+    return obj
+
+
+def redacted(builder: Callable[P, R]) -> Callable[P, R]:
+    """Redact every string a builder returns: the one gate between Rotor and Slack."""
+
+    @functools.wraps(builder)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return _safe(builder(*args, **kwargs))
+
+    return wrapper
+
+
+def escape(text: str) -> str:
+    """Slack's three control characters, so typed text cannot become a mention or a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def when(ts: float | None) -> str:
+    """A time every reader sees in their own time zone."""
+    if ts is None:
+        return "-"
+    fallback = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"<!date^{int(ts)}^{{date_short_pretty}} at {{time}}|{fallback}>"
+
+
+def user(actor: str | None) -> str:
+    """Slack users as mentions; the CLI and Rotor itself by name."""
+    if not actor:
+        return "someone"
+    if actor[:1] in "UW" and actor[1:].isalnum() and actor.isupper():
+        return f"<@{actor}>"
+    return escape(actor)
+
+
+def value(rotation_id: int, step: str | None = None, **extra: Any) -> str:
+    """What a button carries back: which rotation and step it is about."""
+    return json.dumps({"rotation": rotation_id, "step": step, **extra}, separators=(",", ":"))
+
+
+def _title(rotation: RotationRow) -> str:
+    return f"rotation #{rotation.id}: {rotation.kind} {rotation.target} in {rotation.env}"
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}
+
+
+def _context(text: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": text[:3000]}]}
+
+
+def _button(label: str, action_id: str, button_value: str, *, style: str | None = None,
+            confirm: dict[str, Any] | None = None) -> dict[str, Any]:
+    button: dict[str, Any] = {"type": "button", "action_id": action_id, "value": button_value,
+                              "text": {"type": "plain_text", "text": label}}
+    if style:
+        button["style"] = style
+    if confirm:
+        button["confirm"] = confirm
+    return button
+
+
+def _confirm(title: str, text: str, yes: str) -> dict[str, Any]:
+    return {"title": {"type": "plain_text", "text": title[:100]},
+            "text": {"type": "mrkdwn", "text": text[:300]},
+            "confirm": {"type": "plain_text", "text": yes},
+            "deny": {"type": "plain_text", "text": "Not now"}, "style": "danger"}
+
+
+def _actions(*buttons: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "actions", "elements": list(buttons)}
+
+
+# -- replies to commands and clicks (ephemeral) ------------------------------------------
+
+# What is wrong with a garbled /rotate, by name (handlers.commands fills in the values).
+PROBLEMS = {
+    "unknown-option": "unknown option {option!r} (the only option is {only})",
+    "misplaced-flag": "{flag} goes with starting a rotation, not with {verb!r}",
+    "no-arguments": "`{verb}` takes no arguments, got {got!r}",
+    "one-id": "`{verb}` takes one rotation ID, like `{verb} 12`",
+    "not-an-id": "{word!r} is not a rotation ID; IDs are numbers, like `{verb} 12`",
+    "needs-app-env": "`{shape}` needs an app and an environment (environments: {envs})",
+    "needs-args": "`{shape}` needs {args}",
+    "unexpected": "unexpected {extra!r} after `{shape}`",
+    "swapped": "app first, then environment: `{fixed}`",
+    "invalid-target": "{target!r} is not a valid {what}",
+}
+
+
+def unknown_word(word: str, closest: str | None) -> str:
+    hint = f" (did you mean {closest!r}?)" if closest else ""
+    return f"unknown subcommand or app {word!r}{hint}"
+
+
+
+@redacted
+def usage(problem: str) -> str:
+    return f"{escape(problem)}\n{USAGE}"
+
+
+@redacted
+def help_text() -> str:
+    return HELP
+
+
+@redacted
+def not_available(what: str, kind: str) -> str:
+    return (f"`{COMMAND} {what}` is not available yet: this Rotor has no `{kind}` rotation "
+            "kind.")
+
+
+@redacted
+def refused(error: BaseException) -> str:
+    """A refused command or click: one line, why."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f":no_entry: {_keep_mentions(escape(line))}"
+
+
+def _keep_mentions(text: str) -> str:
+    # Policy errors name people as <@U…> / <!subteam^S…>; keep those, escape the rest.
+    return re.sub(r"&lt;(@[UW][A-Z0-9]+|!subteam\^S[A-Z0-9]+)&gt;", r"<\1>", text)
+
+
+@redacted
+def internal_error() -> str:
+    return ":warning: Something went wrong inside Rotor; nothing more was done. The details are in its log."
+
+
+@redacted
+def started(rotation: RotationRow, channel: str) -> str:
+    return (f":arrow_forward: Started {_title(rotation)}. Follow it in {channel_ref(channel)}; "
+            "approvals are asked for in its thread.")
+
+
+def channel_ref(channel: str) -> str:
+    if channel.startswith("#"):
+        return channel
+    return f"<#{channel}>"
+
+
+@redacted
+def plan(kind: str, target: str, env: str, steps: Sequence[Any], found: str) -> str:
+    lines = [f"*Plan: {kind} rotation of {target} in {env}* (nothing was changed)"]
+    for number, step in enumerate(steps, 1):
+        mark = " _(destructive: needs approval)_" if step.destructive else ""
+        lines.append(f"{number}. `{step.name}` {step.title}{mark}")
+    lines.append(f"Preflight found: {found or 'nothing to report'}")
+    return "\n".join(lines)
+
+
+@redacted
+def status(rotations: Sequence[RotationRow], links: dict[int, str | None]) -> str:
+    if not rotations:
+        return "No rotations yet."
+    return "\n".join(_status_line(r, links.get(r.id)) for r in rotations)
+
+
+@redacted
+def no_rotation_of(target: str, env: str) -> str:
+    return f"No rotation of {target} in {env} yet."
+
+
+def _status_line(rotation: RotationRow, link: str | None) -> str:
+    title = f"#{rotation.id} {rotation.kind} {rotation.target} in {rotation.env}"
+    if link:
+        title = f"<{link}|{title}>"
+    return (f"{_rotation_symbol(rotation)} {title}: {phase_text(rotation)} · {rotation.progress}"
+            f" · started by {user(rotation.initiator)} {when(rotation.created_at)}")
+
+
+@redacted
+def status_detail(rotation: RotationRow, link: str | None) -> str:
+    lines = [_status_line(rotation, link)]
+    lines += [_checklist_line(step) for step in rotation.steps]
+    return "\n".join(lines)
+
+
+@redacted
+def listing(active: Sequence[RotationRow], recent: Sequence[RotationRow],
+            links: dict[int, str | None]) -> str:
+    lines = ["*Active rotations*"]
+    lines += [_status_line(r, links.get(r.id)) for r in active] or ["none"]
+    finished = [r for r in recent if r.status != ACTIVE]
+    if finished:
+        lines.append("*Recently finished*")
+        lines += [_status_line(r, links.get(r.id)) for r in finished]
+    return "\n".join(lines)
+
+
+@redacted
+def cancel_requested(rotation: RotationRow) -> str:
+    if rotation.status == CANCELLED:
+        return f":x: Cancelled {_title(rotation)}."
+    return (f":hourglass_flowing_sand: Cancel of {_title(rotation)} requested; the worker running "
+            "it finishes the cancel.")
+
+
+@redacted
+def retrying(rotation: RotationRow) -> str:
+    step = rotation.current
+    return f":repeat: Retrying `{step.name if step else '-'}` of {_title(rotation)}."
+
+
+# -- the thread --------------------------------------------------------------------------
+
+
+def _rotation_symbol(rotation: RotationRow) -> str:
+    if rotation.status == DONE:
+        return SYMBOL["done"]
+    if rotation.status == CANCELLED:
+        return ":no_entry_sign:"
+    return SYMBOL.get(rotation.phase, SYMBOL["running"])
+
+
+def phase_text(rotation: RotationRow) -> str:
+    """What the rotation waits on, and since when, in a few words."""
+    if rotation.status == DONE:
+        return f"done {when(rotation.finished_at)}"
+    if rotation.status == CANCELLED:
+        return f"cancelled by {user(rotation.cancel_requested_by)} {when(rotation.finished_at)}"
+    step = rotation.current
+    if step is None:
+        return "finishing"
+    if rotation.cancel_requested_by:
+        return f"cancelling (requested by {user(rotation.cancel_requested_by)})"
+    if step.status == "needs-approval":
+        if step.expired_at:
+            return (f"paused: the approval of `{step.name}` expired {when(step.expired_at)}; "
+                    "ask for it again")
+        return f"waiting for approval of `{step.name}` since {when(step.gate_requested_at)}"
+    if step.status == "waiting":
+        return f"`{step.name}` waiting for {step.wait_reason} since {when(step.waiting_since)}"
+    if step.status == "failed":
+        return f"stopped: `{step.name}` failed: {step.error}"
+    if step.status == "running":
+        return f"running `{step.name}`"
+    return f"next: `{step.name}`"
+
+
+def _checklist_line(step: StepRow) -> str:
+    note = ""
+    if step.status in ("done", "skipped") and step.result:
+        note = f": {step.result}"
+    elif step.status == "failed" and step.error:
+        note = f": {step.error}"
+    elif step.status == "waiting" and step.wait_reason:
+        note = f": waiting for {step.wait_reason}"
+    elif step.status == "needs-approval":
+        note = ": needs approval"
+    return f"{SYMBOL.get(step.status, '•')} {step.position + 1}. {step.title}{note}"[:300]
+
+
+@redacted
+def root(rotation: RotationRow) -> Message:
+    head = (f"*Rotation #{rotation.id}: {rotation.target} in {rotation.env}* ({rotation.kind}"
+            f"{', compromised' if rotation.params.get('compromised') else ''})")
+    state = f"{_rotation_symbol(rotation)} {phase_text(rotation)} · *{rotation.progress}*"
+    started_by = f"Started by {user(rotation.initiator)} {when(rotation.created_at)}"
+    checklist = "\n".join(_checklist_line(step) for step in rotation.steps)
+    text = (f"Rotation #{rotation.id} of {rotation.target} in {rotation.env}: "
+            f"{rotation.progress}")
+    return text, [_section(f"{head}\n{state}"), _context(started_by), _section(checklist)]
+
+
+@redacted
+def step_result(rotation: RotationRow, row: AuditRow) -> Message:
+    status = row.to_status or ""
+    text = f"{SYMBOL.get(status, '•')} `{row.step}` {status}" + (f": {row.detail}" if row.detail
+                                                                else "")
+    return text, [_section(text)]
+
+
+@redacted
+def waiting(rotation: RotationRow, row: AuditRow) -> Message:
+    text = f"{SYMBOL['waiting']} `{row.step}` waiting for {row.detail}"
+    return text, [_section(text)]
+
+
+@redacted
+def resumed(rotation: RotationRow, row: AuditRow) -> Message:
+    text = f":repeat: `{row.step}` resumed after a restart ({row.detail})"
+    return text, [_section(text)]
+
+
+@redacted
+def approval_request(rotation: RotationRow, step: StepRow, summary: str, destructive: bool,
+                     approvers: str, four_eyes: bool, note: str = "") -> Message:
+    """What will happen, with Approve and Reject; a guided step gets one "Done" button."""
+    target = value(rotation.id, step.name)
+    if step.guided:
+        text = f":point_right: `{step.name}` needs a person: {summary}"
+        done = _button("Done", APPROVE, target, style="primary",
+                       confirm=_confirm("Is it done?", summary, "It is done"))
+        return text, [_section(f":point_right: *{step.title}*: do this, then click Done.\n"
+                               f"{summary}"), _actions(done)]
+    who = " ".join(filter(None, (note, f"Approvers: {approvers}")))
+    if four_eyes:
+        who += f" (not {user(rotation.initiator)}: four-eyes)"
+    text = f"{SYMBOL['needs-approval']} `{step.name}` needs approval: {summary}"
+    approve = _button("Approve", APPROVE, target, style="primary",
+                      confirm=_confirm("Approve a destructive step?",
+                                       f"{step.title} in {rotation.env}: {summary}", "Approve")
+                      if destructive else None)
+    reject = _button("Reject", REJECT, target, style="danger")
+    danger = ":warning: *Destructive.* " if destructive else ""
+    blocks = [_section(f"{danger}{SYMBOL['needs-approval']} *{step.title}* needs approval.\n"
+                       f"{summary}"), _context(who), _actions(approve, reject)]
+    return text, blocks
+
+
+@redacted
+def approval_closed(rotation: RotationRow, step_name: str, summary: str, how: str,
+                    actor: str | None, at: float | None) -> Message:
+    """The approval message once decided: who, what and when, no buttons."""
+    marks = {"approved": ":white_check_mark: Approved", "done": ":white_check_mark: Done",
+             "rejected": ":x: Rejected",
+             "expired": ":alarm_clock: Expired", "held": ":raised_hand: Held",
+             "ran": ":white_check_mark: No hold; it ran",
+             "asked-again": ":repeat: Asked again", "cancelled": ":no_entry_sign: Cancelled"}
+    by = f" by {user(actor)}" if how not in ("expired", "ran") else ""
+    text = f"{marks.get(how, how)}{by} {when(at)}: `{step_name}`"
+    return text, [_section(f"{text}\n{summary}")]
+
+
+@redacted
+def approval_expired(rotation: RotationRow, step: StepRow) -> Message:
+    text = (f":alarm_clock: Nobody approved `{step.name}` in time, so the rotation is paused "
+            "(not failed). Ask for the approval again to carry on.")
+    button = _button("Ask again", ASK_AGAIN, value(rotation.id, step.name))
+    return text, [_section(text), _actions(button)]
+
+
+@redacted
+def reminder(rotation: RotationRow, step: StepRow, approvers: str) -> Message:
+    text = (f":bell: Reminder: `{step.name}` has waited for approval since "
+            f"{when(step.gate_requested_at)}. Approvers: {approvers}")
+    return text, [_section(text)]
+
+
+@redacted
+def failure(rotation: RotationRow, row: AuditRow) -> Message:
+    text = f"{SYMBOL['failed']} `{row.step}` failed: {row.detail}"
+    retry = _button("Retry", RETRY, value(rotation.id, row.step), style="primary")
+    cancel = _button("Cancel rotation", CANCEL, value(rotation.id, row.step), style="danger",
+                     confirm=_confirm("Cancel the rotation?",
+                                      f"Rotor undoes what is unsafe to leave and keeps "
+                                      f"{rotation.target} on credentials that work.", "Cancel it"))
+    return text, [_section(text), _actions(retry, cancel)]
+
+
+@redacted
+def failure_closed(rotation: RotationRow, row: AuditRow, how: str, actor: str | None,
+                   at: float | None) -> Message:
+    verb = {"retried": ":repeat: Retried", "cancelled": ":no_entry_sign: Cancelled"}.get(how, how)
+    text = f"{SYMBOL['failed']} `{row.step}` failed: {row.detail}"
+    return text, [_section(text), _context(f"{verb} by {user(actor)} {when(at)}")]
+
+
+@redacted
+def second_line_told(rotation: RotationRow, row: AuditRow, hold_until: float | None
+                     ) -> Message:
+    link = row.detail or ""
+    where = f"<{link}|the notice>" if link.startswith("http") else escape(link)
+    text = f":mega: 2nd line told before `{row.step}` runs ({where})."
+    if not hold_until:
+        return text, [_section(text)]
+    return text, [_section(f"{text} It runs after {when(hold_until)} unless someone holds it."),
+                  _actions(_button("Hold", HOLD, value(rotation.id, row.step), style="danger"))]
+
+
+@redacted
+def asked_for(rotation: RotationRow, row: AuditRow) -> Message:
+    """Someone asked a rotation for something: to cancel, or what a step offers (roll back)."""
+    what = "a cancel" if row.event == "cancel-requested" else f"`{row.detail}`"
+    text = f":hourglass_flowing_sand: {user(row.actor)} asked for {what}"
+    return text, [_section(text)]
+
+
+@redacted
+def cancelled(rotation: RotationRow, row: AuditRow) -> Message:
+    text = f":no_entry_sign: Cancelled by {user(row.actor)}: {row.detail or 'nothing to undo'}"
+    return text, [_section(text)]
+
+
+@redacted
+def finished(rotation: RotationRow, next_envs: Iterable[str]) -> Message:
+    text = f":tada: Rotation #{rotation.id} of {rotation.target} in {rotation.env} is done."
+    blocks: list[dict[str, Any]] = [_section(text)]
+    buttons = [_button(f"Rotate {env} next", ROTATE_NEXT,
+                       value(rotation.id, None, env=env), style="primary")
+               for env in next_envs]
+    if buttons:
+        blocks.append(_actions(*buttons))
+    return text, blocks
+
+
+@redacted
+def second_line_notice(rotation: RotationRow, step: StepRow, summary: str, approved_by: str,
+                       group: str | None, link: str | None) -> Message:
+    """What 2nd line is told before a destructive step runs."""
+    ping = f"<!subteam^{group}> " if group else ""
+    where = f" (<{link}|thread>)" if link else ""
+    text = (f"{ping}:warning: Rotor is about to run `{step.name}` on {rotation.target} in "
+            f"{rotation.env}: {summary}. Approved by {user(approved_by)}{where}.")
+    hold = _button("Hold", HOLD, value(rotation.id, step.name), style="danger",
+                   confirm=_confirm("Hold this step?", "It will need approving again.", "Hold"))
+    return text, [_section(text), _actions(hold)]
+
+
+# -- App Home ------------------------------------------------------------------------------
+
+
+@redacted
+def home(active: Sequence[RotationRow], links: dict[int, str | None]) -> dict[str, Any]:
+    waiting = [r for r in active if r.phase == "needs-approval"]
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": "Rotor"}},
+        _section("*Waiting for approval*"),
+    ]
+    blocks += [_section(_status_line(r, links.get(r.id))) for r in waiting] or [
+        _context("Nothing is waiting for approval.")]
+    blocks.append({"type": "divider"})
+    blocks.append(_section("*Active rotations*"))
+    blocks += [_section(_status_line(r, links.get(r.id))) for r in active] or [
+        _context(f"No rotation is running. Start one with `{COMMAND} APP ENV`.")]
+    return {"type": "home", "blocks": blocks[:100]}
+
+
+# -- key-age reminders and approval nudges (bot.reminders, `/rotate keys`) ---------------------
+
+from rotation.iam import KeyAgeReport, KeyFinding  # noqa: E402 (this section's own import)
+
+ROTATE_KEY_NOW = "rotate_key_now"  # value "USER ENV": starts kind iam-key
+
+
+def _key_line(finding: KeyFinding) -> str:
+    mark = ":rotating_light:" if finding.overdue else ":warning:"
+    state = "overdue" if finding.overdue else "due soon"
+    used = when(finding.last_used) if finding.last_used else "never"
+    return (f"{mark} `{escape(finding.user)}` key {finding.slot} is *{finding.age_days} days "
+            f"old* ({state}; created {when(finding.created)}, last used {used})")
+
+
+def _key_counts(report: KeyAgeReport) -> str:
+    return (f"{len(report.overdue)} overdue (older than {report.max_age_days} days), "
+            f"{len(report.due_soon)} due soon ({report.warn_days} days or more), of "
+            f"{report.active_keys:,} active keys of {report.users:,} users")
+
+
+@redacted
+def key_age_summary(report: KeyAgeReport) -> Message:
+    """The one channel message of a key-age check; each user gets a thread reply."""
+    head = f"*Access keys in {report.env}*"
+    if not report.findings:
+        text = (f":white_check_mark: {head}: no active key is {report.warn_days} days old or "
+                f"more ({report.active_keys:,} active keys of {report.users:,} users)")
+        return text, [_section(text)]
+    text = f":key: {head}: {_key_counts(report)}."
+    users = len(report.by_user())
+    note = (f"One reply per user in the thread ({users}); \"Rotate now\" starts the rotation "
+            "for users in rotor.yml.")
+    return text, [_section(text), _context(f"Checked {when(report.checked_at)}. {note}")]
+
+
+@redacted
+def key_age_user(report: KeyAgeReport, user_name: str,
+                 findings: Sequence[KeyFinding]) -> Message:
+    """A thread reply for one user's old keys, with "Rotate now" when Rotor knows the user."""
+    lines = "\n".join(_key_line(f) for f in findings)
+    text = lines.split("\n")[0]
+    blocks: list[dict[str, Any]] = [_section(lines)]
+    if findings and findings[0].rotatable:
+        blocks.append(_actions(_button("Rotate now", ROTATE_KEY_NOW,
+                                       f"{user_name} {report.env}", style="primary")))
+    else:
+        blocks.append(_context(f"`{escape(user_name)}` is not in rotor.yml for {report.env}: "
+                               "rotate it by hand (runbook: AWS IAM Key Rotation), or add it "
+                               "to `iam_users`."))
+    return text, blocks
+
+
+@redacted
+def key_age_failed(env: str, error: BaseException) -> Message:
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = (f":warning: The key-age check of {env} failed: {escape(line)}. Run "
+            f"`{COMMAND} keys {env}` to try again.")
+    return text, [_section(text)]
+
+
+@redacted
+def key_age_reply(reports: Sequence[KeyAgeReport]) -> str:
+    """`/rotate keys [ENV]`: every environment's findings, for the person who asked."""
+    parts = []
+    for report in reports:
+        parts.append(f"*Access keys in {report.env}*: {_key_counts(report)}")
+        parts += [_key_line(f) for f in report.findings[:40]]
+        if len(report.findings) > 40:
+            parts.append(f"… and {len(report.findings) - 40} more (`rotor keys {report.env}`)")
+    return "\n".join(parts)[:3900]
+
+
+@redacted
+def still_waiting(rotation: RotationRow, step: StepRow, now: float) -> Message:
+    """The daily reminder in a rotation's thread while a step waits for a person."""
+    whole = int((now - (step.gate_requested_at or now)) // 86400)
+    waited = f"{whole} day{'' if whole == 1 else 's'}"
+    if step.guided:
+        what = f"`{step.name}` has waited {waited} for someone to do it and click Done"
+    elif step.expired_at:
+        what = (f"`{step.name}` has waited {waited} for approval; the rotation is paused, "
+                "ask for the approval again to carry on")
+    else:
+        what = f"`{step.name}` has waited {waited} for approval"
+    text = f":bell: {what} (since {when(step.gate_requested_at)}). {_title(rotation)}."
+    return text, [_section(text)]
