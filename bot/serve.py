@@ -238,7 +238,7 @@ class Service:
 
 def run(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT."""
-    service = Service(settings)
+    service = Service(settings, host=settings.host)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

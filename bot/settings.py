@@ -21,6 +21,7 @@ class Settings:
     slack_signing_secret: str | None = field(default=None, repr=False)
     slack_api_url: str | None = None
     port: int = 3000
+    host: str = "0.0.0.0"
     log_level: str = "INFO"
     actor: str = "cli"
     # "module:attribute" naming a dict of extra rotation kinds (tests and plug-ins).
@@ -42,6 +43,7 @@ class Settings:
             slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
             slack_api_url=env.get("SLACK_API_URL") or None,
             port=int(env.get("PORT") or 3000),
+            host=env.get("ROTOR_HOST") or "0.0.0.0",
             log_level=env.get("ROTOR_LOG_LEVEL") or "INFO",
             actor=f"cli:{user}",
             extra_kinds=env.get("ROTOR_EXTRA_KINDS") or None,

@@ -30,7 +30,16 @@ from rotation.errors import (
     StepFailed,
     UnknownName,
 )
-from rotation.store import ACTIVE, CANCELLED, DONE, RotationRow, SecretInState, StepRow, Store
+from rotation.store import (
+    ACTIVE,
+    CANCELLED,
+    DONE,
+    RotationRow,
+    SecretInState,
+    StepRow,
+    Store,
+    holder_is_dead,
+)
 
 log = logging.getLogger("rotor.engine")
 
@@ -92,6 +101,9 @@ class Step:
     title: str
     run: Callable[[Context], Outcome]
     destructive: bool = False
+    # Requests (`Engine.request`) this step honours while it waits, e.g. ("rollback",):
+    # the bot shows a button for each.
+    offers: tuple[str, ...] = ()
 
 
 class Kind(Protocol):
@@ -227,23 +239,6 @@ def _scratch_step(step: Step, now: float) -> StepRow:
     return StepRow(**values)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _holder_is_dead(holder: str) -> bool:
-    """A lease held by a process on this host that no longer exists is free to take."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-
-
 class Engine:
     """Starts rotations, advances them step by step, and records every decision."""
 
@@ -314,7 +309,7 @@ class Engine:
     def advance(self, rotation_id: int) -> RotationRow:
         """Run the rotation's steps as far as they go now. Safe to call from any process."""
         if not self.store.claim(rotation_id, self.worker_id, self.clock() + LEASE_SECONDS,
-                                is_stale=_holder_is_dead):
+                                is_stale=holder_is_dead):
             return self.store.rotation(rotation_id)
         try:
             while True:
@@ -598,9 +593,18 @@ class Engine:
                                           expect={"reminded_at": step.reminded_at},
                                           reminded_at=self.clock())
 
+    def offers(self, rotation: RotationRow) -> tuple[str, ...]:
+        """What the current step honours if asked now (buttons to show)."""
+        step = rotation.current
+        if rotation.status != ACTIVE or step is None or step.status != "waiting":
+            return ()
+        return self._definition(self.kind(rotation.kind), rotation, step).offers
+
     def request(self, rotation_id: int, name: str, actor: str) -> RotationRow:
         """Ask a running step for something it offers (Reactivate, Roll back); once only."""
         rotation = self._active(rotation_id)
+        if name not in self.offers(rotation):
+            raise InvalidTransition(f"rotation #{rotation.id} does not offer {name} now")
         with self.store.transaction():
             data = self.store.rotation(rotation.id).data
             requests = data.setdefault("_requests", {})

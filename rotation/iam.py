@@ -703,7 +703,8 @@ class IamKeyKind:
                 wait_for_switch,
             ),
             Step("deactivate", "Deactivate the old key", deactivate, destructive=True),
-            Step("grace", 'Grace period: "Reactivate" works until it ends', grace),
+            Step("grace", 'Grace period: "Reactivate" works until it ends', grace,
+                 offers=("reactivate",)),
             Step("delete-old-key", "Delete the old key", delete_old_key, destructive=True),
         ]
 

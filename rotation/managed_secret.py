@@ -308,7 +308,8 @@ class ManagedSecretKind:
                     ctx, ctx.data["new_version"], ctx.data["before_version"]
                 ),
             ),
-            Step("grace", "Offer Roll back until the grace period ends", grace),
+            Step("grace", "Offer Roll back until the grace period ends", grace,
+                 offers=("rollback",)),
             *consumers.steps(
                 _consumers,
                 key=ROLLBACK,

@@ -10,6 +10,8 @@ No row may hold a secret value: writes are checked against the redaction registr
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -239,6 +241,25 @@ def _guard(values: dict[str, Any]) -> None:
             raise SecretInState(f"refused to store {key}: it contains a secret value")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder_is_dead(holder: str) -> bool:
+    """A lease or lock held by a process on this host that no longer exists is free to take.
+
+    Holders are named "host:pid:..." (see Engine.worker_id)."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
 class Store:
     """The state DB. Thread-safe: one connection, one lock, short transactions."""
 
@@ -339,7 +360,7 @@ class Store:
         return cursor.rowcount == 1
 
     def claim(self, rotation_id: int, owner: str, until: float, *,
-              is_stale: Callable[[str], bool]) -> bool:
+              is_stale: Callable[[str], bool] = holder_is_dead) -> bool:
         """Take the rotation's lease: free, expired, ours, or held by a dead process."""
         with self.transaction() as db:
             row = db.execute("SELECT lease_owner, lease_until FROM rotations WHERE id = ?",
@@ -358,15 +379,24 @@ class Store:
             db.execute("UPDATE rotations SET lease_owner = NULL, lease_until = NULL "
                        "WHERE id = ? AND lease_owner = ?", [rotation_id, owner])
 
-    def try_lock(self, name: str, owner: str, until: float) -> bool:
-        """A named lock across processes (scheduler slots, singleton jobs)."""
+    def try_lock(self, name: str, owner: str, until: float, *,
+                 is_stale: Callable[[str], bool] = holder_is_dead) -> bool:
+        """A named lock across processes (scheduler slots, singleton jobs); a dead holder's
+        lock is taken at once rather than after its lease."""
         with self.transaction() as db:
             row = db.execute("SELECT owner, until FROM locks WHERE name = ?", [name]).fetchone()
-            if row and row[0] != owner and row[1] > self.clock():
+            if row and row[0] != owner and row[1] > self.clock() and not is_stale(row[0]):
                 return False
             db.execute("INSERT OR REPLACE INTO locks (name, owner, until) VALUES (?, ?, ?)",
                        [name, owner, until])
             return True
+
+    def prune_locks(self, prefix: str, expired_before: float) -> int:
+        """Forget locks under `prefix` that expired before `expired_before`."""
+        with self.transaction() as db:
+            cursor = db.execute("DELETE FROM locks WHERE name LIKE ? AND until < ?",
+                                [prefix.replace("%", "") + "%", expired_before])
+            return cursor.rowcount
 
     def get_kv(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()

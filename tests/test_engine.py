@@ -43,6 +43,7 @@ class ScriptedKind:
 
     script: dict[str, Callable[[Context], Outcome]]
     destructive: set[str] = field(default_factory=set)
+    offers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     name: str = "mysql"
@@ -56,8 +57,8 @@ class ScriptedKind:
                 self.calls.append(name)
                 return fn(ctx)
             return run
-        return [Step(n, f"step {n}", wrap(n, fn), destructive=n in self.destructive)
-                for n, fn in self.script.items()]
+        return [Step(n, f"step {n}", wrap(n, fn), destructive=n in self.destructive,
+                     offers=self.offers.get(n, ())) for n, fn in self.script.items()]
 
     def cancel(self, ctx: Context) -> str:
         self.cancelled.append(ctx.rotation.id)
@@ -221,9 +222,15 @@ def test_a_step_can_offer_a_request_during_a_grace_period(tmp_path, clock):
             return Done(f"rolled back for {who}")
         return Wait("the grace period", 3600, check_at=ctx.now() + 600)
 
-    engine, _ = make(tmp_path, clock, {"grace": grace})
+    engine, kind = make(tmp_path, clock, {"grace": grace})
+    kind.offers["grace"] = ("rollback",)
     rotation = engine.start("mysql", "signon", "staging", "U1")
+    with pytest.raises(InvalidTransition, match="does not offer rollback now"):
+        engine.request(rotation.id, "rollback", "U2")  # not waiting in the grace period yet
     engine.advance(rotation.id)
+    assert engine.offers(engine.store.rotation(rotation.id)) == ("rollback",)
+    with pytest.raises(InvalidTransition, match="does not offer reactivate now"):
+        engine.request(rotation.id, "reactivate", "U2")
     engine.request(rotation.id, "rollback", "U2")
     with pytest.raises(InvalidTransition, match="already asked for by U2"):
         engine.request(rotation.id, "rollback", "U3")
@@ -407,3 +414,22 @@ def test_audit_is_append_only_and_migrations_run_once(tmp_path, clock):
         store.db.execute("DELETE FROM audit")
     again = Store(tmp_path / "s.db", clock=clock)
     assert again.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_locks_of_dead_processes_are_taken_at_once_and_old_ones_pruned(tmp_path, clock):
+    import socket
+    import subprocess
+    import sys
+
+    store = Store(tmp_path / "s.db", clock=clock)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    dead = f"{socket.gethostname()}:{gone}:abc"
+    alive = f"{socket.gethostname()}:{__import__('os').getpid()}:def"
+    assert store.try_lock("slack-reporter", dead, clock() + 60)
+    assert store.try_lock("slack-reporter", "me", clock() + 60)  # its holder died: taken now
+    assert not store.try_lock("slack-reporter", alive, clock() + 60)  # a live holder keeps it
+    assert store.try_lock("slack-request:T1", alive, clock() + 5)
+    clock.advance(10)
+    assert store.prune_locks("slack-request:", expired_before=clock()) == 1
+    assert store.prune_locks("slack-request:", expired_before=clock()) == 0
