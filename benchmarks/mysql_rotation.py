@@ -9,52 +9,31 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.settings import Settings
 from bot.wiring import build_engine
-from tests.rig import AWS_ENV, rig
+from tests.rig import AWS_ENV, rig, timed_rotation, timed_rotor
 
 RUNS = 5
 
 
-def one_rotation(engine_name: str = "mysql") -> tuple[float, int]:
-    with tempfile.TemporaryDirectory() as tmp, rig(engine_name, Path(tmp)) as world:
+def one_rotation() -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp, rig("mysql", Path(tmp)) as world:
         os.environ.update({k: v for k, v in world.env().items()
                            if k.startswith(("AWS_", "ROTOR_", "KUBECONFIG"))})
-        engine = build_engine(Settings.load())
-        started = time.perf_counter()
-        rotation = engine.start(engine_name, world.app, "staging", "alice")
-        wake = __import__("threading").Event()
-        while True:
-            row = engine.advance(rotation.id)
-            step = row.current
-            if row.status != "active" or step is None or step.status == "failed":
-                break
-            if step.status == "needs-approval":
-                engine.approve(rotation.id, step.name, "bob")
-            elif step.status == "waiting":
-                wake.wait(max(0.0, (step.next_check_at or 0) - engine.clock()))
-        elapsed = time.perf_counter() - started
-        assert row.status == "done", [(s.name, s.status, s.error) for s in row.steps]
+        elapsed, row = timed_rotation(build_engine(Settings.load()), "mysql", world.app,
+                                      "staging")
         return elapsed, len(row.steps)
 
 
 def subprocess_rotation() -> float:
     with tempfile.TemporaryDirectory() as tmp, rig("mysql", Path(tmp)) as world:
-        started = time.perf_counter()
-        result = subprocess.run(world.rotor() + ["rotate", world.app, "staging", "--yes"],
-                                env=world.env(), capture_output=True, text=True, timeout=120)
-        elapsed = time.perf_counter() - started
-        if result.returncode != 0:
-            raise SystemExit(result.stdout + result.stderr)
-        return elapsed
+        return timed_rotor(world, "rotate", world.app, "staging", "--yes")
 
 
 def main() -> None:

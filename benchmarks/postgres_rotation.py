@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.settings import Settings
 from bot.wiring import build_engine
-from tests.rig import AWS_ENV, Rig, rig
+from tests.rig import AWS_ENV, Rig, rig, timed_rotation, timed_rotor
 
 RUNS = 5
 SCHEMA = """
@@ -53,20 +50,7 @@ def _seed(world: Rig) -> None:
 
 def _drive(world: Rig, env: str, params: dict[str, Any]) -> tuple[float, int]:
     engine = build_engine(Settings.load(), second_line=_Told(), clock=world.clock)
-    wake = threading.Event()
-    started = time.perf_counter()
-    rotation = engine.start("postgres", world.app, env, "alice", params)
-    while True:
-        row = engine.advance(rotation.id)
-        step = row.current
-        if row.status != "active" or step is None or step.status == "failed":
-            break
-        if step.status == "needs-approval":
-            engine.approve(rotation.id, step.name, "bob")
-        elif step.status == "waiting":
-            wake.wait(max(0.0, (step.next_check_at or 0) - engine.clock()))
-    elapsed = time.perf_counter() - started
-    assert row.status == "done", [(s.name, s.status, s.error) for s in row.steps]
+    elapsed, row = timed_rotation(engine, "postgres", world.app, env, params)
     return elapsed, len(row.steps)
 
 
@@ -85,18 +69,7 @@ def compromised_rotation() -> tuple[float, int]:
 def subprocess_rotation() -> float:
     with tempfile.TemporaryDirectory() as tmp, rig("postgres", Path(tmp)) as world:
         _seed(world)
-        started = time.perf_counter()
-        result = subprocess.run(
-            world.rotor() + ["rotate", world.app, "staging", "--yes"],
-            env=world.env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        elapsed = time.perf_counter() - started
-        if result.returncode != 0:
-            raise SystemExit(result.stdout + result.stderr)
-        return elapsed
+        return timed_rotor(world, "rotate", world.app, "staging", "--yes")
 
 
 def main() -> None:

@@ -49,3 +49,13 @@ def _aws_test_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     if not os.environ.get("ROTOR_TEST_KEEP_ENDPOINT"):
         monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
+@pytest.fixture
+def world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A MySQL rig (tests/rig.py), with this process's Rotor pointed at it."""
+    from tests.rig import point_at, rig
+
+    with rig("mysql", tmp_path) as r:
+        point_at(r, monkeypatch)
+        yield r

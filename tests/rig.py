@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from moto.server import ThreadedMotoServer
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from rotation.store import RotationRow
 from tests import servers
 from tests.fakes.kube_api import FakeKube
 
@@ -835,3 +836,69 @@ class RotationLambda:
         self.hold.clear()
         self._queue.put(None)
         self._thread.join(timeout=5)
+
+
+def point_at(world: Rig, monkeypatch: Any) -> None:
+    """Point this process's Rotor (Settings.load, boto3) at the rig, as a subprocess would be."""
+    for key, value in world.env().items():
+        if key.startswith(("AWS_", "ROTOR_", "KUBECONFIG")):
+            monkeypatch.setenv(key, value)
+
+
+def drive(
+    engine: Any,
+    rotation_id: int,
+    *,
+    approver: str | None = "bob",
+    until: str | Callable[[RotationRow], bool] | None = None,
+    park_after: float = 5,
+    limit: float = 30,
+) -> RotationRow:
+    """Run a rotation like the worker does, approving every gate as `approver`.
+
+    Returns when the rotation is finished or failed; when a gate waits and `approver` is None;
+    when `until` holds (a step name: that step is waiting); or when it is parked on a wait
+    longer than `park_after` seconds of the engine's clock (the test moves the clock then).
+    """
+    stop = (lambda row: row.current.name == until and row.current.status == "waiting") \
+        if isinstance(until, str) else until
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        row = engine.advance(rotation_id)
+        step = row.current
+        if row.status != "active" or step is None or step.status == "failed":
+            return row
+        if stop is not None and stop(row):
+            return row
+        if step.status == "needs-approval":
+            if approver is None:
+                return row
+            engine.approve(rotation_id, step.name, approver)
+        elif step.status == "waiting":
+            due = (step.next_check_at or 0) - engine.clock()
+            if due > park_after:
+                return row
+            time.sleep(max(0.0, min(0.05, due)))
+    raise AssertionError(f"rotation #{rotation_id} did not settle in {limit}s: {row.phase}")
+
+
+def timed_rotation(engine: Any, kind: str, target: str, env: str,
+                   params: dict[str, Any] | None = None) -> tuple[float, RotationRow]:
+    """Wall time of a whole rotation, approvals granted (for the benchmarks)."""
+    started = time.perf_counter()
+    rotation = engine.start(kind, target, env, "alice", params or {})
+    row = drive(engine, rotation.id, limit=120)
+    elapsed = time.perf_counter() - started
+    if row.status != "done":
+        raise AssertionError([(s.name, s.status, s.error) for s in row.steps])
+    return elapsed, row
+
+
+def timed_rotor(world: Rig, *args: str) -> float:
+    """Wall time of a `rotor` subprocess, start-up included (for the benchmarks)."""
+    started = time.perf_counter()
+    result = subprocess.run(world.rotor() + list(args), env=world.env(), capture_output=True,
+                            text=True, timeout=120)
+    if result.returncode != 0:
+        raise AssertionError(result.stdout + result.stderr)
+    return time.perf_counter() - started

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import boto3
@@ -22,8 +21,7 @@ from rotation import appcreds, consumers, ecs
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue
 from rotation.engine import Context, Done, Engine, Outcome, Step
-from rotation.store import RotationRow
-from tests.rig import REGION, EcsDeployments, Rig, rig
+from tests.rig import REGION, EcsDeployments, Rig, drive
 
 
 def change(ctx: Context) -> Outcome:
@@ -66,14 +64,6 @@ class RedeployKind:
     def cancel(self, ctx: Context) -> str:
         return "nothing"
 
-
-@pytest.fixture
-def world(tmp_path, monkeypatch) -> Iterator[Rig]:
-    with rig("mysql", tmp_path) as r:
-        for key, value in r.env().items():
-            if key.startswith(("AWS_", "ROTOR_", "KUBECONFIG")):
-                monkeypatch.setenv(key, value)
-        yield r
 
 
 @pytest.fixture
@@ -131,15 +121,6 @@ def engine_for(world: Rig) -> Engine:
     return engine
 
 
-def run(engine: Engine, rotation_id: int, limit: float = 15) -> RotationRow:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        row = engine.advance(rotation_id)
-        step = row.current
-        if row.status != "active" or step is None or step.status == "failed":
-            return row
-        time.sleep(max(0.0, min(0.05, (step.next_check_at or 0) - engine.clock())))
-    raise AssertionError(f"rotation #{rotation_id} did not finish in {limit}s: {row.phase}")
 
 
 def test_every_consumer_is_redeployed_and_checked(world, deployments, caplog):
@@ -153,7 +134,7 @@ def test_every_consumer_is_redeployed_and_checked(world, deployments, caplog):
     )
     pods_before = {p["metadata"]["uid"] for p in world.kube.pods("apps", world.app)}
     engine = engine_for(world)
-    final = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    final = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert final.status == "done", [(s.name, s.status, s.error) for s in final.steps]
 
     password = world.current()["password"]
@@ -188,7 +169,7 @@ def test_waits_for_the_ecs_deployment_and_never_forces_twice(world, deployments)
     assert row.current.name == "ecs" and row.current.status == "waiting"
     assert "to complete" in row.current.wait_reason
     world.clock.advance(61)
-    assert run(engine, rotation.id).status == "done"
+    assert drive(engine, rotation.id).status == "done"
     assert len(deployments.forced) == 1
 
 
@@ -196,7 +177,7 @@ def test_deployments_without_an_external_secret_are_restarted_at_once(world):
     configure(world, deployments=[world.app])
     world.kube.reloader_enabled = False
     engine = engine_for(world)
-    final = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    final = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert final.status == "done"
     assert final.step("sync").status == "skipped" and final.step("ecs").status == "skipped"
     assert "after a restart" in final.step("rollout").result
@@ -210,14 +191,14 @@ def test_a_failed_ecs_deployment_fails_the_step_and_retry_forces_a_new_one(world
     deployments.outcomes[(service["cluster"], service["service"])] = "FAILED"
     engine = engine_for(world)
     rotation = engine.start("redeploy", world.secret_id(), "staging", "alice")
-    row = run(engine, rotation.id)
+    row = drive(engine, rotation.id)
     assert row.current.name == "ecs" and row.current.status == "failed"
     assert "circuit breaker: tasks failed to start" in row.current.error
     assert "\n" not in row.current.error
 
     deployments.outcomes.clear()
     engine.retry(rotation.id, "alice")
-    assert run(engine, rotation.id).status == "done"
+    assert drive(engine, rotation.id).status == "done"
     assert len({d for _, _, d in deployments.forced}) == 2
 
 
@@ -226,7 +207,7 @@ def test_a_circuit_breaker_rollback_fails_though_the_service_is_stable(world, de
     configure(world, ecs_services=[service])
     deployments.outcomes[(service["cluster"], service["service"])] = "ROLLED_BACK"
     engine = engine_for(world)
-    row = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    row = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert row.current.name == "ecs" and row.current.status == "failed"
     assert "no longer PRIMARY" in row.current.error
     # What the services_stable waiter alone would have concluded: all is well.
@@ -253,9 +234,9 @@ def test_a_crash_after_update_service_follows_that_deployment(world, deployments
     engine = engine_for(world)
     rotation = engine.start("redeploy", world.secret_id(), "staging", "alice")
     with pytest.raises(Crash):
-        run(engine, rotation.id)
+        drive(engine, rotation.id)
     monkeypatch.setattr(ecs, "force_new_deployment", real)
-    final = run(engine_for(world), rotation.id)  # a new process resumes
+    final = drive(engine_for(world), rotation.id)  # a new process resumes
     assert final.status == "done"
     assert len(deployments.forced) == 1
     assert deployments.forced[0][2] in final.step("ecs").result
@@ -275,7 +256,7 @@ def test_a_secret_the_sync_did_not_update_fails_the_step(world, password, proble
     world.kube.add_external_secret("apps", f"{world.app}-other", secret_id=other)
     configure(world, external_secrets=[world.external_secret, f"{world.app}-other"])
     engine = engine_for(world)
-    row = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    row = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert row.current.name == "sync" and row.current.status == "failed"
     assert row.current.error == (
         f"ExternalSecret apps/{world.app}-other synced, but Secret apps/{world.app}-other {problem}"
@@ -286,7 +267,7 @@ def test_a_failed_sync_fails_with_the_operator_s_reason(world):
     configure(world, external_secrets=[world.external_secret])
     world.kube.sync_error = "could not get secret data from provider"
     engine = engine_for(world)
-    row = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    row = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert row.current.name == "sync" and row.current.status == "failed"
     assert "could not get secret data from provider" in row.current.error
 
@@ -294,7 +275,7 @@ def test_a_failed_sync_fails_with_the_operator_s_reason(world):
 def test_a_secret_with_no_consumers_of_a_type_skips_those_steps(world):
     configure(world)
     engine = engine_for(world)
-    final = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    final = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert final.status == "done"
     assert [s.status for s in final.steps] == ["done", "skipped", "skipped", "skipped"]
     assert final.step("ecs").result == "no ECS services are listed for this secret in rotor.yml"
@@ -304,6 +285,6 @@ def test_a_missing_ecs_service_fails_in_one_line(world):
     ecs_client(world).create_cluster(clusterName=f"{world.app}-cluster")
     configure(world, ecs_services=[{"cluster": f"{world.app}-cluster", "service": "gone"}])
     engine = engine_for(world)
-    row = run(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
+    row = drive(engine, engine.start("redeploy", world.secret_id(), "staging", "alice").id)
     assert row.current.name == "ecs" and row.current.status == "failed"
     assert row.current.error == f"ECS service {world.app}-cluster/gone not found (MISSING)"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +25,7 @@ from bot.settings import Settings
 from bot.wiring import build_engine
 from rotation.engine import Engine
 from rotation.errors import UnknownName
-from rotation.store import RotationRow
-from tests.rig import REGION, EcsDeployments, Rig, RotationLambda, rig
+from tests.rig import REGION, EcsDeployments, Rig, RotationLambda, drive
 
 CLONE = "_clone"
 
@@ -156,14 +154,6 @@ class AlternatingUsers:
             )
 
 
-@pytest.fixture
-def world(tmp_path, monkeypatch) -> Iterator[Rig]:
-    with rig("mysql", tmp_path) as r:
-        for key, value in r.env().items():
-            if key.startswith(("AWS_", "ROTOR_", "KUBECONFIG")):
-                monkeypatch.setenv(key, value)
-        yield r
-
 
 @pytest.fixture
 def function(world, monkeypatch) -> Iterator[RotationLambda]:
@@ -233,20 +223,6 @@ def engine_for(world: Rig) -> Engine:
     return build_engine(Settings.load(), clock=world.clock)
 
 
-def run(
-    engine: Engine, rotation_id: int, *, until: str | None = None, limit: float = 15
-) -> RotationRow:
-    """Advance like the worker until the rotation ends, fails, or waits in step `until`."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        row = engine.advance(rotation_id)
-        step = row.current
-        if row.status != "active" or step is None or step.status == "failed":
-            return row
-        if step.name == until and step.status == "waiting":
-            return row
-        time.sleep(max(0.0, min(0.05, (step.next_check_at or 0) - engine.clock())))
-    raise AssertionError(f"rotation #{rotation_id} did not get there in {limit}s: {row.phase}")
 
 
 def test_a_rotation_redeploys_every_consumer_and_ends_after_the_grace_period(
@@ -257,7 +233,7 @@ def test_a_rotation_redeploys_every_consumer_and_ends_after_the_grace_period(
     before = world.current()
     engine = engine_for(world)
     rotation = engine.start("secret", world.secret_id(), "staging", "alice")
-    row = run(engine, rotation.id, until="grace")
+    row = drive(engine, rotation.id, until="grace")
     assert "Roll back" in row.current.wait_reason
 
     after = world.current()
@@ -276,7 +252,7 @@ def test_a_rotation_redeploys_every_consumer_and_ends_after_the_grace_period(
     assert [d[2] for d in deployments.forced] and row.step("ecs").status == "done"
 
     world.clock.advance(30 * 60)
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id)
     assert final.status == "done", [(s.name, s.status, s.error) for s in final.steps]
     assert "no roll back asked for within 30 min" in final.step("grace").result
     assert {s.status for s in final.steps if s.name.startswith("rollback-")} == {"skipped"}
@@ -297,13 +273,13 @@ def test_roll_back_restores_the_previous_version_and_redeploys_again(
     before = world.current()
     engine = engine_for(world)
     rotation = engine.start("secret", world.secret_id(), "staging", "alice")
-    run(engine, rotation.id, until="grace")
+    drive(engine, rotation.id, until="grace")
     data = engine.store.rotation(rotation.id).data
     new, old = data["token"], data["before_version"]
     assert "AWSPENDING" in world.stages()[new]
 
     engine.request(rotation.id, "rollback", "bob")
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id)
     assert final.status == "done", [(s.name, s.status, s.error) for s in final.steps]
     assert final.step("grace").result.startswith("rolled back by bob")
     assert world.stages()[old] == ["AWSCURRENT"] and world.stages()[new] == ["AWSPREVIOUS"]
@@ -323,13 +299,13 @@ def test_a_stuck_awspending_fails_with_the_reason_and_changes_nothing_else(
     before = world.current()
     engine = engine_for(world)
     rotation = engine.start("secret", world.secret_id(), "staging", "alice")
-    row = run(engine, rotation.id, until="rotate")
+    row = drive(engine, rotation.id, until="rotate")
     function.idle()
     assert function.errors == [
         "setSecret: RuntimeError: setSecret: the database refused the change"
     ]
     world.clock.advance(engine.catalogue.waits.sync)
-    row = run(engine, rotation.id)
+    row = drive(engine, rotation.id)
     token = row.data["token"]
     assert row.current.name == "rotate" and row.current.status == "failed"
     assert row.current.error.startswith(
@@ -351,13 +327,13 @@ def test_a_resumed_rotate_step_never_rotates_twice(configured, function, deploym
     function.hold.set()  # the function is slow: the step waits, and is re-run meanwhile
     engine = engine_for(world)
     rotation = engine.start("secret", world.secret_id(), "staging", "alice")
-    run(engine, rotation.id, until="rotate")
+    drive(engine, rotation.id, until="rotate")
     for _ in range(3):
         world.clock.advance(1)
         row = engine_for(world).advance(rotation.id)  # another process re-checks it
         assert row.current.name == "rotate" and row.current.status == "waiting"
     function.hold.clear()
-    row = run(engine_for(world), rotation.id, until="grace")
+    row = drive(engine_for(world), rotation.id, until="grace")
     token = row.data["token"]
     assert [e["Step"] for e in function.events if e["ClientRequestToken"] == token] == [
         "createSecret",
@@ -385,9 +361,9 @@ def test_a_crash_right_after_rotate_secret_does_not_rotate_again(configured, fun
     sm.meta.events.register("after-call.secrets-manager.RotateSecret", crash)
     rotation = engine.start("secret", world.secret_id(), "staging", "alice")
     with pytest.raises(Crash):
-        run(engine, rotation.id)
+        drive(engine, rotation.id)
     assert "requested_at" not in engine.store.rotation(rotation.id).data
-    row = run(engine_for(world), rotation.id, until="grace")  # a new process resumes
+    row = drive(engine_for(world), rotation.id, until="grace")  # a new process resumes
     token = row.data["token"]
     assert [e["Step"] for e in function.events if e["ClientRequestToken"] == token] == [
         "createSecret",
@@ -402,7 +378,7 @@ def test_a_secret_without_rotation_fails_preflight_and_changes_nothing(configure
     world = configured  # no rotation function turned on
     stages = world.stages()
     engine = engine_for(world)
-    row = run(engine, engine.start("secret", world.secret_id(), "staging", "alice").id)
+    row = drive(engine, engine.start("secret", world.secret_id(), "staging", "alice").id)
     assert row.current.name == "preflight" and row.current.status == "failed"
     assert row.current.error == (
         f"secret {world.secret_id()} has no rotation configured "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 
 import pymysql
 import pytest
@@ -15,37 +14,13 @@ from bot.wiring import build_engine
 from rotation import redact
 from rotation.engine import Engine
 from rotation.errors import RotationConflict, UnknownName
-from rotation.store import RotationRow
-from tests.rig import ContinuityProbe, Rig, rig
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch) -> Iterator[Rig]:
-    with rig("mysql", tmp_path) as r:
-        for key, value in r.env().items():
-            if key.startswith(("AWS_", "ROTOR_", "KUBECONFIG")):
-                monkeypatch.setenv(key, value)
-        yield r
+from tests.rig import ContinuityProbe, Rig, drive
 
 
 def engine_for(world: Rig) -> Engine:
     return build_engine(Settings.load())
 
 
-def run(engine: Engine, rotation_id: int, approver: str = "bob", limit: float = 30) -> RotationRow:
-    """Drive a rotation like the worker does, approving every gate as `approver`."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        row = engine.advance(rotation_id)
-        step = row.current
-        if row.status != "active" or step is None or step.status == "failed":
-            return row
-        if step.status == "needs-approval":
-            engine.approve(rotation_id, step.name, approver)
-            continue
-        if step.status == "waiting":
-            time.sleep(max(0.0, min(0.05, (step.next_check_at or 0) - engine.clock())))
-    raise AssertionError(f"rotation #{rotation_id} did not finish in {limit}s: {row.phase}")
 
 
 def grants(world: Rig, user: str) -> list[str]:
@@ -64,7 +39,7 @@ def test_a_full_rotation_moves_the_app_to_a_new_user_and_drops_the_old(world, ca
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")
     with ContinuityProbe(world) as probe:
-        final = run(engine, rotation.id)
+        final = drive(engine, rotation.id)
     assert final.status == "done", [(s.name, s.status, s.error) for s in final.steps]
     assert probe.failures == [] and probe.logins > 0
 
@@ -101,7 +76,7 @@ def test_grants_of_every_level_are_copied(world):
     before = sorted(grants(world, old))
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id)
     assert final.status == "done"
     assert sorted(grants(world, world.current()["username"])) == before
 
@@ -121,7 +96,7 @@ def test_objects_defined_by_the_old_user_are_redefined_on_approval(world):
     row = engine.advance(rotation.id)
     assert row.current.name == "redefine" and row.phase == "needs-approval"
     assert "VIEW" in row.current.gate_summary and "PROCEDURE" in row.current.gate_summary
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id)
     assert final.status == "done"
     with world.box.root().cursor() as cur:
         cur.execute("SELECT DEFINER FROM information_schema.VIEWS WHERE TABLE_SCHEMA = %s", (db,))
@@ -133,7 +108,7 @@ def test_without_a_reloader_the_deployment_is_restarted(world):
     world.kube.reloader_enabled = False
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id)
     assert final.status == "done"
     assert "after a restart" in final.step("rollout").result
     template = world.kube.deployment("apps", world.app)["spec"]["template"]["metadata"]
@@ -144,13 +119,13 @@ def test_a_failed_sync_stops_with_the_reason_and_retry_continues(world):
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")
     world.kube.sync_error = "could not get secret data from provider"
-    row = run(engine, rotation.id)
+    row = drive(engine, rotation.id)
     assert row.current.name == "sync" and row.current.status == "failed"
     assert "could not get secret data from provider" in row.current.error
     world.login(world.current())  # AWSCURRENT (already the new user) logs in meanwhile
     world.kube.sync_error = None
     engine.retry(rotation.id, "alice")
-    assert run(engine, rotation.id).status == "done"
+    assert drive(engine, rotation.id).status == "done"
 
 
 def test_lingering_connections_are_killed_only_on_approval(world):
@@ -167,7 +142,7 @@ def test_lingering_connections_are_killed_only_on_approval(world):
         row = engine.advance(rotation.id)
     assert "Kill 1 connections" in row.current.gate_summary
     assert held.open
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id)
     assert final.status == "done"
     with pytest.raises(pymysql.err.OperationalError):
         held.ping(reconnect=False)
@@ -256,6 +231,6 @@ def test_a_new_user_name_taken_by_another_user_gets_a_suffix(world):
         cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'x1234567'", (taken,))
         cur.execute("GRANT SELECT ON mysql.* TO %s@'%%'", (taken,))
     engine = engine_for(world)
-    final = run(engine, engine.start("mysql", world.app, "staging", "alice").id)
+    final = drive(engine, engine.start("mysql", world.app, "staging", "alice").id)
     assert final.status == "done" and world.current()["username"] == taken + "_2"
     assert grants(world, taken)  # the other user is untouched

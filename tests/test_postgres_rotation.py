@@ -29,7 +29,7 @@ from rotation.engine import Engine
 from rotation.errors import NotAllowed, UnknownName
 from rotation.postgres import KIND, next_restore
 from rotation.store import RotationRow, StepRow
-from tests.rig import Clock, ContinuityProbe, Rig, rig
+from tests.rig import Clock, ContinuityProbe, Rig, drive, point_at, rig
 
 # Saturday evening before the clocks go forward in London: the 03:00 restore after it is
 # 02:00 UTC, not 03:00.
@@ -70,16 +70,12 @@ MIGRATION = """
 # -- the world ---------------------------------------------------------------------------
 
 
-def _point_at(world: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in world.env().items():
-        if key.startswith(("AWS_", "ROTOR_", "KUBECONFIG")):
-            monkeypatch.setenv(key, value)
 
 
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     with rig("postgres", tmp_path) as r:
-        _point_at(r, monkeypatch)
+        point_at(r, monkeypatch)
         yield r
 
 
@@ -87,7 +83,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
 def restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     """Production, and a staging restored from it at 03:00 London time; Saturday evening."""
     with rig("postgres", tmp_path, restored=True, clock=Clock(EVENING)) as r:
-        _point_at(r, monkeypatch)
+        point_at(r, monkeypatch)
         yield r
 
 
@@ -106,31 +102,6 @@ def engine_for(world: Rig, told: Told | None = None) -> Engine:
     return build_engine(Settings.load(), second_line=told, clock=world.clock)
 
 
-def drive(
-    engine: Engine,
-    rotation_id: int,
-    *,
-    until: Callable[[RotationRow], bool] = lambda row: False,
-    approver: str = "bob",
-    limit: float = 30,
-) -> RotationRow:
-    """Run a rotation like the worker does, approving every gate as `approver`. Returns when
-    it is finished, failed, `until` holds, or it is parked on a wait longer than a few seconds
-    (the overnight restore): the test moves the clock then."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        row = engine.advance(rotation_id)
-        step = row.current
-        if row.status != "active" or step is None or step.status == "failed" or until(row):
-            return row
-        if step.status == "needs-approval":
-            engine.approve(rotation_id, step.name, approver)
-        elif step.status == "waiting":
-            due = (step.next_check_at or 0) - engine.clock()
-            if due > 5:
-                return row
-            time.sleep(max(0.0, min(0.05, due)))
-    raise AssertionError(f"rotation #{rotation_id} did not settle in {limit}s: {row.phase}")
 
 
 def at(name: str, status: str) -> Callable[[RotationRow], bool]:

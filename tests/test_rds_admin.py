@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,10 +18,9 @@ from bot.settings import Settings
 from bot.wiring import build_engine
 from rotation.engine import Engine
 from rotation.errors import ConfigError, UnknownName
-from rotation.store import RotationRow
 from tests import servers
 from tests.fakes import kube_api
-from tests.rig import Rig, rig
+from tests.rig import Rig, drive
 
 OTHER = "other-db"
 
@@ -41,14 +38,6 @@ def plain_extract(monkeypatch) -> None:
 
     monkeypatch.setattr(kube_api, "_database_secret_data", data)
 
-
-@pytest.fixture
-def world(tmp_path, monkeypatch) -> Iterator[Rig]:
-    with rig("mysql", tmp_path) as r:
-        for key, value in r.env().items():
-            if key.startswith(("AWS_", "ROTOR_", "KUBECONFIG")):
-                monkeypatch.setenv(key, value)
-        yield r
 
 
 def backup_id(world: Rig) -> str:
@@ -88,24 +77,6 @@ def engine_for(world: Rig) -> Engine:
     return build_engine(Settings.load(), clock=world.clock)
 
 
-def run(
-    engine: Engine, rotation_id: int, *, until: str | None = None, limit: float = 15
-) -> RotationRow:
-    """Advance like the worker until the rotation ends, fails, asks a person, or waits in
-    step `until`."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        row = engine.advance(rotation_id)
-        step = row.current
-        if (
-            row.status != "active"
-            or step is None
-            or step.status in ("failed", "needs-approval")
-            or (step.name == until and step.status == "waiting")
-        ):
-            return row
-        time.sleep(max(0.0, min(0.05, (step.next_check_at or 0) - engine.clock())))
-    raise AssertionError(f"rotation #{rotation_id} did not get there in {limit}s: {row.phase}")
 
 
 def admin_secret(world: Rig) -> dict[str, str]:
@@ -144,7 +115,7 @@ def test_a_terraform_guided_rotation_ends_with_db_backup_holding_the_new_passwor
     old = world.box.admin_password
     engine = engine_for(world)
     rotation = engine.start("rds-admin", world.app, "staging", "alice")
-    row = run(engine, rotation.id)
+    row = drive(engine, rotation.id, approver=None)
     assert row.current.name == "terraform" and row.current.status == "needs-approval"
     address = f'random_string.database_password["{world.app}"]'
     assert row.current.gate_summary.splitlines()[1:8] == [
@@ -160,7 +131,7 @@ def test_a_terraform_guided_rotation_ends_with_db_backup_holding_the_new_passwor
 
     new = terraform_apply(world)
     engine.approve(rotation.id, "terraform", "carol")
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id, approver=None)
     assert final.status == "done", [(s.name, s.status, s.error) for s in final.steps]
     assert final.step("terraform").result == "Terraform run applied (done by carol)"
     assert "the new" in final.step("check-admin").result
@@ -181,12 +152,12 @@ def test_done_without_a_terraform_run_fails_clearly(configured):
     world = configured
     engine = engine_for(world)
     rotation = engine.start("rds-admin", world.app, "staging", "alice")
-    run(engine, rotation.id)
+    drive(engine, rotation.id, approver=None)
     engine.approve(rotation.id, "terraform", "carol")
-    row = run(engine, rotation.id, until="check-admin")
+    row = drive(engine, rotation.id, until="check-admin", approver=None)
     assert row.current.wait_reason.startswith("a new version of")
     world.clock.advance(engine.catalogue.waits.sync)
-    row = run(engine, rotation.id)
+    row = drive(engine, rotation.id, approver=None)
     version = row.data["admin_version_before"]
     assert row.current.status == "failed" and row.current.error == (
         f"{world.admin_secret_id('staging')} is still at version {version}, as before the "
@@ -199,13 +170,13 @@ def test_a_new_password_the_database_refuses_fails_clearly(configured):
     world = configured
     engine = engine_for(world)
     rotation = engine.start("rds-admin", world.app, "staging", "alice")
-    run(engine, rotation.id)
+    drive(engine, rotation.id, approver=None)
     new = terraform_apply(world, database=False)  # the instance never took it
     engine.approve(rotation.id, "terraform", "carol")
-    row = run(engine, rotation.id, until="check-admin")
+    row = drive(engine, rotation.id, until="check-admin", approver=None)
     assert "admin password (version" in row.current.wait_reason
     world.clock.advance(engine.catalogue.waits.sync)
-    row = run(engine, rotation.id)
+    row = drive(engine, rotation.id, approver=None)
     assert row.current.name == "check-admin" and row.current.status == "failed"
     assert "admin password (version" in row.current.error
     assert "does not log in after 20s: login as" in row.current.error
@@ -217,14 +188,14 @@ def test_a_backup_already_holding_the_password_is_not_written_again(configured):
     world = configured
     engine = engine_for(world)
     rotation = engine.start("rds-admin", world.app, "staging", "alice")
-    run(engine, rotation.id)
+    drive(engine, rotation.id, approver=None)
     new = terraform_apply(world)
     world.sm().put_secret_value(
         SecretId=backup_id(world), SecretString=json.dumps({**backup(world), world.app: new})
     )
     versions = world.sm().list_secret_version_ids(SecretId=backup_id(world))["Versions"]
     engine.approve(rotation.id, "terraform", "carol")
-    final = run(engine, rotation.id)
+    final = drive(engine, rotation.id, approver=None)
     assert final.status == "done"
     assert final.step("backup-secret").result.startswith(f"{backup_id(world)} already holds")
     assert world.sm().list_secret_version_ids(SecretId=backup_id(world))["Versions"] == versions
@@ -238,7 +209,7 @@ def test_the_host_in_rotor_yml_wins_over_the_app_secret(configured):
         SecretString=json.dumps({**world.app_secret(), "host": "nowhere.invalid"}),
     )
     engine = engine_for(world)
-    row = run(engine, engine.start("rds-admin", world.app, "staging", "alice").id)
+    row = drive(engine, engine.start("rds-admin", world.app, "staging", "alice").id, approver=None)
     assert row.current.name == "terraform"
     assert f"at {world.box.host}:{world.box.port}" in row.step("preflight").result
 
