@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -42,7 +41,7 @@ from rotation import consumers, redact
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, KeyPlaces, ManualPlace, SecretField
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
-from rotation.errors import AwsError, ConfigError, SecretError, StepFailed
+from rotation.errors import AwsError, ConfigError, StepFailed
 
 ACTIVE, INACTIVE = "Active", "Inactive"
 DAY = 86400.0
@@ -154,28 +153,13 @@ def read_key_secret(
 ) -> tuple[dict[str, Any], str] | None:
     """A catalogued key secret at `stage` and its version id; None when no version has it.
 
-    Not `secrets.read_json`: that registers every field, and an access key ID is not a secret
-    (the state DB and the thread name it). The secret access key is registered here.
-    """
-    try:
-        response = sm.get_secret_value(SecretId=field.id, VersionStage=stage)
-    except ClientError as exc:
-        if _code(exc) == "ResourceNotFoundException":
-            if stage != "AWSCURRENT":
-                return None
-            raise SecretError(f"secret {field.id} not found") from None
-        raise SecretError(f"secret {field.id}: {_code(exc)}") from None
-    text = response.get("SecretString") or ""
-    redact.register(text)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise SecretError(f"secret {field.id} ({stage}) is not JSON") from None
-    if not isinstance(value, dict):
-        raise SecretError(f"secret {field.id} ({stage}) is not a JSON object")
-    if isinstance(value.get(field.secret_field), str):
-        redact.register(value[field.secret_field])
-    return value, str(response["VersionId"])
+    Only the secret access key is registered as a secret: the key ID is not one (the state
+    DB and the thread name it)."""
+    value = sm_secrets.read_json(sm, field.id, stage=stage, secret_fields=(field.secret_field,))
+    if value is None:
+        return None
+    version = str(value.pop("_version"))
+    return value, version
 
 
 @dataclass(frozen=True)

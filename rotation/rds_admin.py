@@ -12,14 +12,11 @@ registered with the redactor on reading, and compared in memory.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from rotation import consumers, mysql_db, postgres_db, redact
+from rotation import consumers, mysql_db, postgres_db
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Consumers, Database
 from rotation.engine import Context, Done, Outcome, Step, Wait
@@ -79,20 +76,9 @@ def _admin_password(ctx: Context, version: str | None = None) -> tuple[str, str]
 
 def _read_version(sm: Any, secret_id: str, version: str) -> dict[str, Any]:
     """One version by id, whatever its stages; every value registered with the redactor."""
-    try:
-        text = sm.get_secret_value(SecretId=secret_id, VersionId=version).get("SecretString")
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        raise SecretError(f"secret {secret_id} version {version}: {code or 'unreadable'}") from None
-    redact.register(text)
-    try:
-        value = json.loads(text or "")
-    except json.JSONDecodeError:
-        raise SecretError(f"secret {secret_id} version {version} is not JSON") from None
-    if not isinstance(value, dict):
-        raise SecretError(f"secret {secret_id} version {version} is not a JSON object")
-    redact.register(*(v for v in value.values() if isinstance(v, str)))
-    return {**value, "_version": version}
+    value = sm_secrets.read_json(sm, secret_id, version=version, secret_fields=None)
+    assert value is not None  # reading by version id raises rather than answering None
+    return value
 
 
 def _login_problem(ctx: Context, password: str) -> str | None:

@@ -22,32 +22,43 @@ def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def read_json(sm: Any, secret_id: str, *, stage: str = "AWSCURRENT",
-              required: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """The secret's JSON at `stage`, or None when no version has that stage."""
+PLAIN_FIELDS = ("host", "dbname", "username", "engine")
+
+
+def read_json(sm: Any, secret_id: str, *, stage: str = "AWSCURRENT", version: str | None = None,
+              required: tuple[str, ...] = (),
+              secret_fields: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    """The secret's JSON at `stage` (or at `version`), or None when no version has that stage.
+
+    Every string field is registered with the redactor, but for PLAIN_FIELDS; with
+    `secret_fields`, only those are (an access key ID is no secret, and the thread names it).
+    """
+    where = f"version {version}" if version else f"({stage})"
     try:
-        response = sm.get_secret_value(SecretId=secret_id, VersionStage=stage)
+        response = sm.get_secret_value(
+            SecretId=secret_id, **({"VersionId": version} if version else {"VersionStage": stage}))
     except ClientError as exc:
         code = _error_code(exc)
-        if code == "ResourceNotFoundException":
+        if code == "ResourceNotFoundException" and not version:
             if stage != "AWSCURRENT":
                 return None
             raise SecretError(f"secret {secret_id} not found") from None
-        raise SecretError(f"secret {secret_id}: {code or 'unreadable'}") from None
+        raise SecretError(f"secret {secret_id} {where}: {code or 'unreadable'}") from None
     text = response.get("SecretString")
     redact.register(text)
     try:
         value = json.loads(text or "")
     except json.JSONDecodeError:
-        raise SecretError(f"secret {secret_id} ({stage}) is not JSON") from None
+        raise SecretError(f"secret {secret_id} {where} is not JSON") from None
     if not isinstance(value, dict):
-        raise SecretError(f"secret {secret_id} ({stage}) is not a JSON object")
+        raise SecretError(f"secret {secret_id} {where} is not a JSON object")
     for key, item in value.items():
-        if isinstance(item, str) and key not in ("host", "dbname", "username", "engine"):
+        if isinstance(item, str) and (key in secret_fields if secret_fields is not None
+                                      else key not in PLAIN_FIELDS):
             redact.register(item)
     missing = [k for k in required if value.get(k) in (None, "")]
     if missing:
-        raise SecretError(f"secret {secret_id} ({stage}) has no {', '.join(missing)}")
+        raise SecretError(f"secret {secret_id} {where} has no {', '.join(missing)}")
     value["_version"] = response["VersionId"]
     return value
 
