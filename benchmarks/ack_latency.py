@@ -139,7 +139,7 @@ def main() -> None:
             rotor = BotProcess(Path(tmp), slack, log_level="WARNING")
             rotor.control.mkdir()
             (rotor.control / "block-sync").write_text("")  # the rotation waits at `sync`
-            rotor.start()
+            rotor.start(ROTOR_HOST="127.0.0.1")  # loopback only, like the bare apps
             try:
                 rotor.command("signon staging", user="U0ALICE")
                 rotation_id = rotor.wait_status("signon", "staging", "active")["id"]

@@ -193,6 +193,7 @@ class Reporter:
         try:
             rotation = self.store.rotation(rotation_id)
             self._remind(state, rotation)
+            self._offer(state, rotation)
             if state.root and (state.synced < state.cursor or self._resync):
                 text, blocks = messages.root(rotation)
                 self._call("chat_update", channel=state.channel, ts=state.root, text=text,
@@ -295,6 +296,33 @@ class Reporter:
         self._send(state, rotation, key, text, blocks)
         state.reminded = step.reminded_at
 
+    def _offer(self, state: Delivery, rotation: RotationRow) -> None:
+        """A button per request the current step honours while it waits (Reactivate old key,
+        Roll back); the buttons go as soon as the step stops honouring them."""
+        step = rotation.current
+        names = (self.engine.offers(rotation)
+                 if state.root and rotation.kind in self.engine.kinds else ())
+        key = f"offer:{step.name}" if step is not None and names else None
+        for stale in [k for k in state.open if k.startswith("offer:") and k != key]:
+            self._close_offer(state, rotation, stale, self.store.clock())
+        if step is None or key is None or key in state.open:
+            return
+        text, blocks = messages.offers(rotation, step, names)
+        # One post per spell of waiting: a step that waits again offers again.
+        ts = self._send(state, rotation, f"{key}:{step.waiting_since or 0:.3f}", text, blocks)
+        state.in_flight = None
+        state.open[key] = {"ts": ts, "step": step.name, "text": text, "offers": list(names)}
+        log.info("reporter: #%s %s offers %s", rotation.id, step.name, ", ".join(names))
+
+    def _close_offer(self, state: Delivery, rotation: RotationRow, key: str,
+                     at: float | None) -> None:
+        message = state.open[key]
+        text, blocks = messages.offers_closed(rotation, message["step"],
+                                              message.get("offers", []), at)
+        self._call("chat_update", channel=state.channel, ts=message["ts"], text=text,
+                   blocks=blocks)
+        del state.open[key]
+
     def _next_envs(self, rotation: RotationRow) -> list[str]:
         """The environment after this one in the catalogue, offered when this one is done."""
         if rotation.status != DONE:
@@ -345,6 +373,9 @@ class Reporter:
         """Replace a message's buttons by who did what, and when."""
         message = state.open.get(key)
         if message is None:
+            return
+        if key.startswith("offer:"):
+            self._close_offer(state, rotation, key, row.at)
             return
         if key.startswith("failed:"):
             failed = replace(row, step=message["step"], detail=message["text"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from socketserver import ThreadingMixIn
@@ -35,6 +36,8 @@ log = logging.getLogger("rotor.serve")
 EVENTS_PATH = "/slack/events"
 MAX_BODY = 1 << 20  # Slack's payloads are a few KB
 SWEEP_SECONDS = 5.0  # the reporter also looks for rows other processes (the CLI) wrote
+REQUEST_LOCKS = "slack-request:"  # handlers.Deps.first_time: one lock per Slack trigger_id
+REQUEST_LOCK_DAYS = 1.0  # Slack retries within minutes; a day later the lock is only clutter
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -98,7 +101,8 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
 class Service:
     """Everything `rotor serve` runs, built from settings; `start()` and `stop()`."""
 
-    def __init__(self, settings: Settings, *, host: str = "0.0.0.0") -> None:
+    def __init__(self, settings: Settings, *, host: str = "0.0.0.0",
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         catalogue = settings.catalogue
         socket_mode = bool(settings.slack_app_token)
@@ -119,7 +123,7 @@ class Service:
             second_line = SlackSecondLine(client, catalogue.slack.second_line_channel,
                                           catalogue.slack.second_line_group,
                                           thread_link=self._thread_link)
-        self.engine = build_engine(settings, second_line=second_line)
+        self.engine = build_engine(settings, second_line=second_line, clock=clock)
         self.worker = EngineWorker(self.engine)
         self.answering = AcksFirst()
         self.jobs = Jobs(handlers.report_error, acks=self.answering)
@@ -171,10 +175,19 @@ class Service:
         if self.reporter is not None:
             self.scheduler.add_job(self.reporter.sweep, "interval", seconds=SWEEP_SECONDS,
                                    id="reporter-sweep")
+        self.scheduler.add_job(self._prune_request_locks, "interval", hours=1,
+                               id="prune-request-locks")
         from bot import reminders  # key-age checks and daily approval nudges (issue 5)
 
         reminders.schedule(self.scheduler, self.engine, self.client, self.settings.catalogue,
                            self.engine.clock)
+
+    def _prune_request_locks(self) -> None:
+        """Forget the locks that kept Slack's re-sent requests from running twice."""
+        expired_before = self.engine.clock() - REQUEST_LOCK_DAYS * 86400
+        pruned = self.engine.store.prune_locks(REQUEST_LOCKS, expired_before)
+        if pruned:
+            log.info("serve: pruned %s request locks that expired over a day ago", pruned)
 
     def problems(self) -> list[str]:
         """Why the process is not ready; empty when it is."""

@@ -1,4 +1,5 @@
-"""Button clicks: approve, reject, retry, cancel, hold, ask again, rotate the next environment.
+"""Button clicks: approve, reject, retry, cancel, hold, ask again, rotate the next environment,
+what a waiting step offers (Reactivate old key, Roll back), and "Rotate now" on a key-age reply.
 
 Each click is acked at once and its work queued. Decisions are compare-and-set in the engine,
 so a double click or a second process wins once; the loser is told why, in one line. On
@@ -73,18 +74,55 @@ def rotate_next(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> 
     reply(messages.started(rotation, deps.channel))
 
 
+def request(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    """Ask a waiting step for what it offers; its starters or approvers may."""
+    rotation = deps.engine.store.rotation(target["rotation"])
+    deps.policy.check_request(user, rotation.env)
+    deps.engine.request(rotation.id, target["name"], user)
+
+
+def rotate_key_now(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    """The key-age reply's "Rotate now": rotate that IAM user's key, started by the clicker."""
+    deps.policy.check_start(user, target["env"])
+    rotation = deps.engine.start("iam-key", target["user"], target["env"], user)
+    reply(messages.started(rotation, deps.channel))
+
+
+def parse_request(action: dict[str, Any]) -> dict[str, Any]:
+    """A request button's value: "<rotation id>:<request name>"."""
+    rotation, _, name = str(action.get("value") or "").partition(":")
+    if not rotation.isdigit() or len(rotation) > 12 or not name:
+        raise BadRequest("that button's payload is not one Rotor made")
+    return {"rotation": int(rotation), "name": name}
+
+
+def parse_user_env(action: dict[str, Any]) -> dict[str, Any]:
+    """A "Rotate now" button's value: "USER ENV"."""
+    words = str(action.get("value") or "").split()
+    if len(words) != 2:
+        raise BadRequest("that button's payload names no IAM user and environment")
+    return {"user": words[0], "env": words[1]}
+
+
 WORK: dict[str, Work] = {
     messages.APPROVE: approve, messages.REJECT: reject, messages.HOLD: hold,
     messages.ASK_AGAIN: ask_again, messages.RETRY: retry, messages.CANCEL: cancel,
-    messages.ROTATE_NEXT: rotate_next,
+    messages.ROTATE_NEXT: rotate_next, messages.REQUEST: request,
+    messages.ROTATE_KEY_NOW: rotate_key_now,
+}
+# How each button's value reads; JSON from `messages.value` unless named here.
+PARSE: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    messages.REQUEST: parse_request, messages.ROTATE_KEY_NOW: parse_user_env,
 }
 
 
 def _listener(deps: Deps, action_id: str, work: Work) -> Callable[..., None]:
+    parse = PARSE.get(action_id, parse_value)
+
     def clicked(ack: Any, body: dict[str, Any], action: dict[str, Any], respond: Any) -> None:
         ack()
         enqueue(deps, action_id, body, respond,
-                lambda reply: work(deps, parse_value(action), sender(body), reply), once=True)
+                lambda reply: work(deps, parse(action), sender(body), reply), once=True)
 
     clicked.__name__ = f"clicked_{action_id}"
     return clicked

@@ -26,7 +26,15 @@ CANCEL = "cancel"
 HOLD = "hold"
 ASK_AGAIN = "ask_again"
 ROTATE_NEXT = "rotate_next"
-ACTIONS = (APPROVE, REJECT, RETRY, CANCEL, HOLD, ASK_AGAIN, ROTATE_NEXT)
+REQUEST = "request"  # value "<rotation id>:<request name>": what a waiting step offers
+ROTATE_KEY_NOW = "rotate_key_now"  # value "USER ENV": starts kind iam-key
+ACTIONS = (APPROVE, REJECT, RETRY, CANCEL, HOLD, ASK_AGAIN, ROTATE_NEXT, REQUEST, ROTATE_KEY_NOW)
+
+# The button for each request a step may offer (`Engine.offers`), and whether it confirms.
+REQUEST_LABELS = {"reactivate": "Reactivate old key", "rollback": "Roll back"}
+REQUEST_CONFIRMS = {"rollback": ("Roll back?", "AWSCURRENT moves back to the version before "
+                                 "this rotation, and the consumers are redeployed again.",
+                                 "Roll back")}
 
 COMMAND = "/rotate"
 HELP = f"""\
@@ -440,6 +448,40 @@ def asked_for(rotation: RotationRow, row: AuditRow) -> Message:
     return text, [_section(text)]
 
 
+def request_value(rotation_id: int, name: str) -> str:
+    """What a request button carries back: "<rotation id>:<request name>"."""
+    return f"{rotation_id}:{name}"
+
+
+def _request_label(name: str) -> str:
+    return REQUEST_LABELS.get(name, name.replace("-", " ").capitalize())
+
+
+@redacted
+def offers(rotation: RotationRow, step: StepRow, names: Sequence[str]) -> Message:
+    """While a step waits, a button per request it honours (Reactivate old key, Roll back)."""
+    what = " or ".join(f"*{_request_label(n)}*" for n in names)
+    text = f":point_right: While `{step.name}` waits, {what} is available."
+    buttons = []
+    for name in names:
+        confirm = REQUEST_CONFIRMS.get(name)
+        buttons.append(_button(_request_label(name), REQUEST, request_value(rotation.id, name),
+                               style="danger" if confirm else None,
+                               confirm=_confirm(*confirm) if confirm else None))
+    return text, [_section(f"{text}\n{step.wait_reason or ''}".strip()),
+                  _context("The environment's starters and approvers may press it."),
+                  _actions(*buttons)]
+
+
+@redacted
+def offers_closed(rotation: RotationRow, step_name: str, names: Sequence[str],
+                  at: float | None) -> Message:
+    """The offer once the step stopped honouring it: no buttons."""
+    what = ", ".join(_request_label(n) for n in names)
+    text = f":lock: {what}: no longer offered by `{step_name}` ({when(at)})"
+    return text, [_section(text)]
+
+
 @redacted
 def cancelled(rotation: RotationRow, row: AuditRow) -> Message:
     text = f":no_entry_sign: Cancelled by {user(row.actor)}: {row.detail or 'nothing to undo'}"
@@ -493,8 +535,6 @@ def home(active: Sequence[RotationRow], links: dict[int, str | None]) -> dict[st
 # -- key-age reminders and approval nudges (bot.reminders, `/rotate keys`) ---------------------
 
 from rotation.iam import KeyAgeReport, KeyFinding  # noqa: E402 (this section's own import)
-
-ROTATE_KEY_NOW = "rotate_key_now"  # value "USER ENV": starts kind iam-key
 
 
 def _key_line(finding: KeyFinding) -> str:

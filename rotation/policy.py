@@ -50,6 +50,13 @@ class Policy:
             raise NotAllowed(f"<@{user}> may not approve in {env}; ask "
                              f"{self.who(self.catalogue.environment(env).approvers)}")
 
+    def check_request(self, user: str, env: str) -> None:
+        """Recovery buttons (Reactivate, Roll back) are for starters and approvers alike."""
+        if not (self.may_start(user, env) or self.may_approve(user, env)):
+            environment = self.catalogue.environment(env)
+            who = self.who(dict.fromkeys((*environment.starters, *environment.approvers)))
+            raise NotAllowed(f"<@{user}> may not ask for that in {env}; ask {who}")
+
     def approvers(self, env: str) -> tuple[str, ...]:
         return self.catalogue.environment(env).approvers
 

@@ -152,6 +152,29 @@ def test_clicks_on_finished_unknown_or_malformed_rotations_change_nothing(bot, a
     assert bot.changes() == before
 
 
+def test_request_and_rotate_now_clicks_that_are_refused_change_nothing(bot, apps):
+    app = apps()
+    rotation_id = start(bot, app, "production")  # waits for approval: it offers nothing
+    assert not any(b["action_id"] == "request" for m in bot.slack.thread(
+        bot.root_for(rotation_id)) for b in m.buttons())
+    before = bot.changes()
+
+    bot.click({"action_id": "request", "value": f"{rotation_id}:rollback"}, user="U0MALLORY")
+    refusal = bot.wait_reply("may not ask for that in production")
+    assert refusal.startswith(":no_entry: <@U0MALLORY>") and "\n" not in refusal
+    bot.click({"action_id": "request", "value": f"{rotation_id}:rollback"}, user="U0CAROL")
+    bot.wait_reply(f"rotation #{rotation_id} does not offer rollback now")
+    bot.click({"action_id": "request", "value": "rollback"})
+    bot.wait_reply("that button's payload is not one Rotor made")
+    bot.click({"action_id": "rotate_key_now", "value": "govuk-ci production"}, user="U0MALLORY")
+    bot.wait_reply("<@U0MALLORY> may not start or change rotations in production")
+    bot.click({"action_id": "rotate_key_now", "value": "govuk-ci"}, user="U0ALICE")
+    bot.wait_reply("names no IAM user and environment")
+    bot.click({"action_id": "rotate_key_now", "value": "govuk-ci staging"}, user="U0ALICE")
+    bot.wait_reply("unknown IAM user 'govuk-ci'")  # not in rotor.yml's iam_users
+    assert bot.changes() == before
+
+
 def test_a_failed_step_offers_retry_and_cancel(bot, apps):
     app = apps()
     fail = bot.control / "fail"

@@ -66,3 +66,31 @@ def test_http_mode_without_a_signing_secret_refuses_to_start(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "rotor: HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
+
+
+def test_request_locks_are_pruned_hourly_a_day_after_they_expire(tmp_path):
+    from bot.serve import Service
+    from bot.settings import Settings
+    from tests.slackbot import free_port
+
+    (tmp_path / "rotor.yml").write_text("environments: {staging: {aws_region: eu-west-1}}\n")
+    now = time.time()
+    service = Service(Settings.load({"ROTOR_CONFIG": str(tmp_path / "rotor.yml"),
+                                     "ROTOR_STATE": str(tmp_path / "rotor.db"),
+                                     "PORT": str(free_port())}),
+                      host="127.0.0.1", clock=lambda: now)
+    try:
+        assert service.http.server_address[0] == "127.0.0.1"
+        service._schedule()
+        assert service.scheduler.get_job("prune-request-locks").trigger.interval.total_seconds() \
+            == 3600
+        store = service.engine.store
+        for name, until in (("slack-request:old", now - 2 * 86400),
+                            ("slack-request:recent", now - 3600),
+                            ("reminders:old", now - 2 * 86400)):
+            store.try_lock(name, "someone", until)
+        service._prune_request_locks()
+        names = {r[0] for r in store.db.execute("SELECT name FROM locks").fetchall()}
+        assert names == {"slack-request:recent", "reminders:old"}
+    finally:
+        service.http.server_close()
