@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from sqlite_utils.db import quote_identifier
 
 from rotation import redact
 from rotation.errors import RotationConflict, RotorError, UnknownName
@@ -282,6 +283,7 @@ class Store:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 migration(self.db)
+                # PRAGMA takes no bound parameters; `number` is an int from enumerate.
                 self.db.execute(f"PRAGMA user_version = {int(number)}")
             return len(MIGRATIONS)
 
@@ -346,16 +348,19 @@ class Store:
                     **values: Any) -> bool:
         """Update one step; with `expect`, only if its columns still hold those values (CAS)."""
         _guard(values)
-        sets = ", ".join(f"[{k}] = ?" for k in values)
+        unknown = (set(values) | set(expect or {})) - set(_STEP_FIELDS)
+        if unknown:
+            raise ValueError(f"steps has no column {sorted(unknown)}")
+        # Column names are checked against StepRow above and quoted by sqlite-utils.
+        sets = ", ".join(f"{quote_identifier(k)} = ?" for k in values)
         where = "rotation_id = ? AND position = ?"
         args: list[Any] = [*values.values(), rotation_id, position]
         for key, value in (expect or {}).items():
             if value is None:
-                where += f" AND [{key}] IS NULL"
+                where += f" AND {quote_identifier(key)} IS NULL"
             else:
-                where += f" AND [{key}] = ?"
+                where += f" AND {quote_identifier(key)} = ?"
                 args.append(value)
-        # Column names come from this module's callers' keywords, never from input.
         cursor = self.db.execute(f"UPDATE steps SET {sets} WHERE {where}", args)  # noqa: S608
         return cursor.rowcount == 1
 
