@@ -1,0 +1,82 @@
+"""`rotor rotate-key` as a subprocess against moto's server: up to the persisted wait for the
+new key to take over, then Ctrl-C, which leaves the rotation resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import boto3
+
+from tests.rig import AWS_ENV, REPO, moto_url
+
+
+def _client(service: str, url: str):  # type: ignore[no-untyped-def]
+    return boto3.client(service, endpoint_url=url, region_name="eu-west-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _rotate_until_waiting(cmd: list[str], env: dict[str, str]) -> str:
+    """Run `rotor rotate-key` until it says it waits for the switch, then press Ctrl-C."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("… wait-for-switch: waiting for") for line in lines):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "never reached wait-for-switch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    reader.join(timeout=5)
+    out = "".join(lines)
+    assert proc.returncode == 130, f"{proc.returncode}: {out}{err}"
+    assert "resumable" in err
+    return out + err
+
+
+def test_rotate_key_from_the_cli_waits_for_the_switch_and_resumes(tmp_path):
+    url = moto_url()
+    user, secret_id = f"rt{secrets.token_hex(3)}-logs", f"govuk/rt{secrets.token_hex(3)}/aws"
+    iam, sm = _client("iam", url), _client("secretsmanager", url)
+    iam.create_user(UserName=user)
+    old = iam.create_access_key(UserName=user)["AccessKey"]
+    sm.create_secret(Name=secret_id, SecretString=json.dumps(
+        {"access_key_id": old["AccessKeyId"], "secret_access_key": old["SecretAccessKey"]}))
+    config = tmp_path / "rotor.yml"
+    config.write_text(json.dumps({
+        "environments": {"staging": {"aws_region": "eu-west-1"}},
+        "iam_users": {user: {"environments": {"staging": {"secrets": [{"id": secret_id}]}}}},
+    }))
+    state = tmp_path / "rotor.db"
+    env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": url, "ROTOR_CONFIG": str(config),
+           "ROTOR_STATE": str(state), "PYTHONPATH": str(REPO), "ROTOR_ACTOR": "alice",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bot.cli", "rotate-key", user, "staging", "--yes"]
+
+    first = _rotate_until_waiting(cmd, env)
+    assert f"started rotation #1: iam-key {user} in staging" in first
+    keys = {k["AccessKeyId"]: k["Status"] for k in
+            iam.list_access_keys(UserName=user)["AccessKeyMetadata"]}
+    new = next(k for k in keys if k != old["AccessKeyId"])
+    assert keys == {old["AccessKeyId"]: "Active", new: "Active"}  # nothing deactivated yet
+    current = json.loads(sm.get_secret_value(SecretId=secret_id,
+                                             VersionStage="AWSCURRENT")["SecretString"])
+    assert current["access_key_id"] == new
+    assert current["secret_access_key"] not in first and old["SecretAccessKey"] not in first
+
+    again = _rotate_until_waiting(cmd, env)
+    assert "resuming rotation #1" in again
+    assert len(iam.list_access_keys(UserName=user)["AccessKeyMetadata"]) == 2  # no third key
+    status = subprocess.run([sys.executable, "-m", "bot.cli", "status", "1"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert "wait-for-switch" in status.stdout and "waiting" in status.stdout
