@@ -59,3 +59,21 @@ def world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     with rig("mysql", tmp_path) as r:
         point_at(r, monkeypatch)
         yield r
+
+
+@pytest.fixture(scope="module")
+def slack() -> Iterator[Any]:
+    """A fake Slack Web API for one test module's `rotor serve` (tests/slackbot.py)."""
+    from tests.fakes.slack_api import FakeSlack
+    from tests.slackbot import GROUPS
+
+    with FakeSlack(groups=dict(GROUPS)) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def apps() -> Any:
+    """Apps that sign requests to the bot as different Slack users."""
+    from tests.slackbot import Apps
+
+    return Apps()

@@ -7,25 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.slack_api import FakeSlack
-from tests.slackbot import GROUPS, Apps, BotProcess, running_bot
-
-
-@pytest.fixture(scope="module")
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(groups=dict(GROUPS)) as fake:
-        yield fake
+from tests.slackbot import BotProcess, running_bot
 
 
 @pytest.fixture(scope="module")
 def bot(slack, tmp_path_factory) -> Iterator[BotProcess]:
     with running_bot(tmp_path_factory.mktemp("approvals"), slack) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def apps() -> Apps:
-    return Apps()
 
 
 def start(bot: BotProcess, app: str, env: str, user: str = "U0ALICE") -> int:

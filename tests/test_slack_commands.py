@@ -9,9 +9,8 @@ import pytest
 from bot.wiring import kinds as wired_kinds
 from handlers.commands import OTHER_KINDS, parse
 from rotation import catalogue
-from tests.fakes.slack_api import FakeSlack
 from tests.rig import AWS_ENV, moto_url
-from tests.slackbot import GROUPS, Apps, BotProcess, running_bot
+from tests.slackbot import BotProcess, running_bot
 
 CATALOGUE = catalogue.parse("""
 environments:
@@ -99,21 +98,10 @@ def test_a_kind_this_rotor_does_not_run_is_not_available_yet():
 
 
 @pytest.fixture(scope="module")
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(groups=dict(GROUPS)) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def bot(slack, tmp_path_factory) -> Iterator[BotProcess]:
     aws = {**AWS_ENV, "AWS_ENDPOINT_URL": moto_url()}  # `keys` reads IAM's credential report
     with running_bot(tmp_path_factory.mktemp("commands"), slack, env=aws) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def apps() -> Apps:
-    return Apps()
 
 
 def test_help_is_the_ack_itself(bot):

@@ -10,24 +10,13 @@ import pytest
 
 from tests.fakes.slack_api import FakeSlack
 from tests.slack_kinds import STEPS
-from tests.slackbot import GROUPS, Apps, BotProcess, assert_posted_once, running_bot
-
-
-@pytest.fixture(scope="module")
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(groups=dict(GROUPS)) as fake:
-        yield fake
+from tests.slackbot import GROUPS, BotProcess, assert_posted_once, running_bot
 
 
 @pytest.fixture(scope="module")
 def bot(slack, tmp_path_factory) -> Iterator[BotProcess]:
     with running_bot(tmp_path_factory.mktemp("delivery"), slack) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def apps() -> Apps:
-    return Apps()
 
 
 def start(bot: BotProcess, app: str, env: str = "staging") -> int:

@@ -7,14 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.slack_api import FakeSlack
-from tests.slackbot import GROUPS, SECRET_PASSWORD, BotProcess, running_bot, sign
-
-
-@pytest.fixture(scope="module")
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(groups=dict(GROUPS)) as fake:
-        yield fake
+from tests.slackbot import SECRET_PASSWORD, BotProcess, running_bot, sign
 
 
 @pytest.fixture(scope="module")
