@@ -77,3 +77,11 @@ def apps() -> Any:
     from tests.slackbot import Apps
 
     return Apps()
+
+
+@pytest.fixture
+def deployments(world: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """moto's ECS, taught to roll deployments out on the rig's clock (tests/rig.py)."""
+    from tests.rig import EcsDeployments
+
+    return EcsDeployments(world.clock).install(monkeypatch)

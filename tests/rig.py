@@ -75,6 +75,12 @@ AWS_ENV = {
 }
 
 
+def moto_client(service: str, url: str | None = None, region: str = "eu-west-1") -> Any:
+    """A boto3 client for moto's server (the one this process runs, unless `url` says)."""
+    return boto3.client(service, endpoint_url=url or moto_url(), region_name=region,
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 class Clock:
     """The time every part of a rig agrees on: real time, moved on by `advance`/`set`."""
 
@@ -280,13 +286,10 @@ class Rig:
         return copy.kube if copy else self.kube
 
     def sm(self, env: str | None = None) -> Any:
-        return boto3.client(
-            "secretsmanager",
-            endpoint_url=self.moto,
-            region_name=self.region(env),
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        return self.client("secretsmanager", env)
+
+    def client(self, service: str, env: str | None = None) -> Any:
+        return moto_client(service, self.moto, self.region(env))
 
     def env(self) -> dict[str, str]:
         """Environment for a `rotor` subprocess pointed at this rig."""
@@ -571,13 +574,7 @@ class ContinuityProbe:
 
 
 def _secret_reader(url: str, region: str) -> Any:
-    sm = boto3.client(
-        "secretsmanager",
-        endpoint_url=url,
-        region_name=region,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    sm = moto_client("secretsmanager", url, region)
 
     def read(secret_id: str) -> str:
         return str(
@@ -769,8 +766,7 @@ class RotationLambda:
         self._thread = threading.Thread(target=self._work, daemon=True, name=f"lambda-{name}")
 
     def _client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.moto, region_name=self.region,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return moto_client(service, self.moto, self.region)
 
     def install(self, monkeypatch: Any) -> RotationLambda:
         import io

@@ -12,14 +12,7 @@ import sys
 import threading
 import time
 
-import boto3
-
-from tests.rig import AWS_ENV, REPO, moto_url
-
-
-def _client(service: str, url: str):  # type: ignore[no-untyped-def]
-    return boto3.client(service, endpoint_url=url, region_name="eu-west-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+from tests.rig import AWS_ENV, REPO, moto_client, moto_url
 
 
 def _rotate_until_waiting(cmd: list[str], env: dict[str, str]) -> str:
@@ -47,7 +40,7 @@ def _rotate_until_waiting(cmd: list[str], env: dict[str, str]) -> str:
 def test_rotate_key_from_the_cli_waits_for_the_switch_and_resumes(tmp_path):
     url = moto_url()
     user, secret_id = f"rt{secrets.token_hex(3)}-logs", f"govuk/rt{secrets.token_hex(3)}/aws"
-    iam, sm = _client("iam", url), _client("secretsmanager", url)
+    iam, sm = moto_client("iam", url), moto_client("secretsmanager", url)
     iam.create_user(UserName=user)
     old = iam.create_access_key(UserName=user)["AccessKey"]
     sm.create_secret(Name=secret_id, SecretString=json.dumps(

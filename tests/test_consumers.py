@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import boto3
 import pytest
 
 from bot.settings import Settings
@@ -21,7 +20,7 @@ from rotation import appcreds, consumers, ecs
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue
 from rotation.engine import Context, Done, Engine, Outcome, Step
-from tests.rig import REGION, EcsDeployments, Rig, drive
+from tests.rig import Rig, drive
 
 
 def change(ctx: Context) -> Outcome:
@@ -66,19 +65,8 @@ class RedeployKind:
 
 
 
-@pytest.fixture
-def deployments(world, monkeypatch) -> EcsDeployments:
-    return EcsDeployments(world.clock).install(monkeypatch)
-
-
 def ecs_client(world: Rig) -> Any:
-    return boto3.client(
-        "ecs",
-        endpoint_url=world.moto,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return world.client("ecs")
 
 
 def ecs_service(world: Rig, name: str = "web") -> dict[str, str]:

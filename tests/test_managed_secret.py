@@ -16,7 +16,6 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pymysql
 import pytest
 from botocore.exceptions import ClientError
@@ -25,7 +24,7 @@ from bot.settings import Settings
 from bot.wiring import build_engine
 from rotation.engine import Engine
 from rotation.errors import UnknownName
-from tests.rig import REGION, EcsDeployments, Rig, RotationLambda, drive
+from tests.rig import Rig, RotationLambda, drive
 
 CLONE = "_clone"
 
@@ -171,19 +170,8 @@ def function(world, monkeypatch) -> Iterator[RotationLambda]:
     fn.stop()
 
 
-@pytest.fixture
-def deployments(world, monkeypatch) -> EcsDeployments:
-    return EcsDeployments(world.clock).install(monkeypatch)
-
-
 def ecs_client(world: Rig) -> Any:
-    return boto3.client(
-        "ecs",
-        endpoint_url=world.moto,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return world.client("ecs")
 
 
 @pytest.fixture

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 
-import boto3
-
 from tests.fakes.slack_api import FakeSlack
-from tests.rig import REGION, EcsDeployments, RotationLambda
+from tests.rig import EcsDeployments, RotationLambda
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 from tests.test_managed_secret import AlternatingUsers
 
 
 def test_rotate_a_secret_from_slack_and_roll_it_back(world, monkeypatch):
-    ecs = boto3.client("ecs", endpoint_url=world.moto, region_name=REGION,
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    ecs = world.client("ecs")
     cluster = f"{world.app}-cluster"
     ecs.create_cluster(clusterName=cluster)
     ecs.register_task_definition(family=world.app, containerDefinitions=[
