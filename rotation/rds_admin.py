@@ -86,30 +86,13 @@ def _login_problem(ctx: Context, password: str) -> str | None:
     _, user = _admin(ctx)
     host, port, dbname = _server(ctx)
     env = ctx.catalogue.environment(ctx.env)
+    login: dict[str, Any] = {"host": host, "port": port, "user": user, "password": password,
+                             "tls": env.db_tls, "ca_file": env.db_ca_file}
     try:
         if _database(ctx).engine == "mysql":
-            mysql_db.connect(
-                mysql_db.Endpoint(
-                    host=host,
-                    port=port,
-                    user=user,
-                    password=password,
-                    tls=env.db_tls,
-                    ca_file=env.db_ca_file,
-                )
-            ).close()
+            mysql_db.connect(mysql_db.Endpoint(**login)).close()
         else:
-            postgres_db.connect(
-                postgres_db.Endpoint(
-                    host=host,
-                    port=port,
-                    user=user,
-                    password=password,
-                    database=dbname,
-                    tls=env.db_tls,
-                    ca_file=env.db_ca_file,
-                )
-            ).close()
+            postgres_db.connect(postgres_db.Endpoint(**login, database=dbname)).close()
     except DatabaseError as exc:
         return str(exc)
     return None
