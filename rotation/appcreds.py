@@ -169,5 +169,5 @@ def cancel(ctx: Context) -> str:
         parts.append(f"AWSPENDING removed from version {version}")
     if new:
         parts.append(f"the unused new user {new} is left in place (never in AWSCURRENT); "
-                     "drop it by hand or let a later rotation reuse the name")
+                     "drop it by hand; a later rotation picks a new name")
     return "; ".join(parts)
