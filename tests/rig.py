@@ -21,6 +21,7 @@ import os
 import queue
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -898,3 +899,21 @@ def timed_rotor(world: Rig, *args: str) -> float:
     if result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
     return time.perf_counter() - started
+
+
+def read_state(path: Path) -> tuple[dict[str, str], str | None]:
+    """Step statuses and the rotation's status, read as another process would.
+
+    A read right after a SIGKILL may hit a half-written WAL and fail for a moment: it is
+    tried again, so a finished rotation is never mistaken for an unfinished one."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+                steps = dict(conn.execute("SELECT name, status FROM steps"))
+                rotation = conn.execute("SELECT status FROM rotations").fetchone()
+                return steps, rotation[0] if rotation else None
+        except sqlite3.OperationalError:
+            if not path.exists() or time.monotonic() > deadline:
+                return {}, None  # not created yet
+            time.sleep(0.01)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rotation.mysql import KIND
-from tests.rig import ContinuityProbe, Rig, rig
+from tests.rig import ContinuityProbe, Rig, read_state, rig
 
 STEPS = [s.name for s in KIND.steps(None, "x", "staging", {})]  # type: ignore[arg-type]
 
@@ -90,11 +90,7 @@ def _count(path: Path) -> int:
 
 
 def _step_statuses(path: Path) -> dict[str, str]:
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
-            return dict(conn.execute("SELECT name, status FROM steps"))
-    except sqlite3.OperationalError:
-        return {}  # not created yet
+    return read_state(path)[0]
 
 
 @pytest.mark.parametrize("step", STEPS)

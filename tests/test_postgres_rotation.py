@@ -29,7 +29,7 @@ from rotation.engine import Engine
 from rotation.errors import NotAllowed, UnknownName
 from rotation.postgres import KIND, next_restore
 from rotation.store import RotationRow, StepRow
-from tests.rig import Clock, ContinuityProbe, Rig, drive, point_at, rig
+from tests.rig import Clock, ContinuityProbe, Rig, drive, point_at, read_state, rig
 
 # Saturday evening before the clocks go forward in London: the 03:00 restore after it is
 # 02:00 UTC, not 03:00.
@@ -574,21 +574,10 @@ def _rotor(world: Rig, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _state(path: Path) -> tuple[dict[str, str], str | None]:
-    """Step statuses and the rotation's status, read as another process would."""
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
-            steps = dict(conn.execute("SELECT name, status FROM steps"))
-            rotation = conn.execute("SELECT status FROM rotations").fetchone()
-            return steps, rotation[0] if rotation else None
-    except sqlite3.OperationalError:
-        return {}, None  # not created yet
-
-
 def _kill_after_each_step(world: Rig, args: list[str], steps: list[str]) -> None:
     """Start `rotor`, SIGKILL it the moment `step` is committed, for each step in turn."""
     for step in steps:
-        if _state(world.state_path)[1] == "done":
+        if read_state(world.state_path)[1] == "done":
             break  # the last process got further than the kill
         proc = subprocess.Popen(
             world.rotor() + args,
@@ -598,13 +587,13 @@ def _kill_after_each_step(world: Rig, args: list[str], steps: list[str]) -> None
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
-        while _state(world.state_path)[0].get(step) not in ("done", "skipped"):
+        while read_state(world.state_path)[0].get(step) not in ("done", "skipped"):
             assert proc.poll() in (None, 0), f"rotor died before {step} finished"
             assert time.monotonic() < deadline, f"{step} never finished"
             time.sleep(0.002)
         proc.kill()
         proc.wait()
-    if _state(world.state_path)[1] != "done":
+    if read_state(world.state_path)[1] != "done":
         result = _rotor(world, *args)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "resuming rotation #1" in result.stdout
