@@ -9,7 +9,7 @@ $(BIN)/rotor: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: run test lint format bench
+.PHONY: run test test-under-load lint format bench
 run: $(BIN)/rotor
 	$(BIN)/rotor serve
 
@@ -19,6 +19,10 @@ lint: $(BIN)/rotor
 
 test: lint
 	$(BIN)/pytest
+
+# The whole suite RUNS times (default 3) while busy loops load the cores (tests/under_load.sh).
+test-under-load: $(BIN)/rotor
+	PYTEST=$(BIN)/pytest tests/under_load.sh
 
 format: $(BIN)/rotor
 	$(BIN)/ruff check --fix .

@@ -44,6 +44,7 @@ from psycopg.conninfo import make_conninfo
 from rotation.store import RotationRow
 from tests import servers
 from tests.fakes.kube_api import FakeKube
+from tests.waiting import DEADLINE, wait_for
 
 ENVIRONMENTS = ("staging", "production")
 REPO = Path(__file__).resolve().parent.parent
@@ -822,12 +823,10 @@ class RotationLambda:
             finally:
                 self._queue.task_done()
 
-    def idle(self, timeout: float = 10) -> None:
+    def idle(self, timeout: float | None = None) -> None:
         """Return once every invocation so far has run (or failed)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            assert time.monotonic() < deadline, "the rotation function did not finish"
-            time.sleep(0.01)
+        wait_for(lambda: self._queue.unfinished_tasks, lambda left: left == 0,
+                 what=f"the rotation function {self.name} to finish", timeout=timeout)
 
     def stop(self) -> None:
         self.hold.clear()
@@ -849,7 +848,7 @@ def drive(
     approver: str | None = "bob",
     until: str | Callable[[RotationRow], bool] | None = None,
     park_after: float = 5,
-    limit: float = 30,
+    limit: float = DEADLINE,
 ) -> RotationRow:
     """Run a rotation like the worker does, approving every gate as `approver`.
 
@@ -906,14 +905,20 @@ def read_state(path: Path) -> tuple[dict[str, str], str | None]:
 
     A read right after a SIGKILL may hit a half-written WAL and fail for a moment: it is
     tried again, so a finished rotation is never mistaken for an unfinished one."""
-    deadline = time.monotonic() + 5
-    while True:
+
+    def read() -> tuple[dict[str, str], str | None] | str:
+        if not path.exists():
+            return {}, None  # not created yet
         try:
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
                 steps = dict(conn.execute("SELECT name, status FROM steps"))
                 rotation = conn.execute("SELECT status FROM rotations").fetchone()
                 return steps, rotation[0] if rotation else None
-        except sqlite3.OperationalError:
-            if not path.exists() or time.monotonic() > deadline:
+        except sqlite3.OperationalError as exc:
+            if not path.exists() or "no such table" in str(exc):
                 return {}, None  # not created yet
-            time.sleep(0.01)
+            return f"{type(exc).__name__}: {exc}"  # read again
+
+    state = wait_for(read, lambda got: not isinstance(got, str), what=f"a read of {path}")
+    assert not isinstance(state, str)
+    return state

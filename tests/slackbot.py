@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from tests.fakes.slack_api import TEAM, FakeSlack, Message
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -145,20 +146,18 @@ class BotProcess:
         self.wait_ready(ready)
         return self
 
-    def wait_ready(self, path: str = "/readyz", timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_ready(self, path: str = "/readyz", timeout: float | None = None) -> None:
+        def answer() -> int | str:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"rotor serve exited {self.process.returncode}:\n"
                                      f"{self.log()}")
             try:
-                if self.get(path).status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"rotor serve never became ready:\n{self.log()}")
+                return self.get(path).status
+            except OSError as exc:
+                return f"{type(exc).__name__}: {exc}"
+        wait_for(answer, lambda status: status == 200, what=f"{path} to answer 200",
+                 timeout=timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.process is not None
@@ -270,57 +269,110 @@ class BotProcess:
         return (int(self.rows("SELECT COUNT(*) FROM rotations")[0][0]),
                 int(self.rows("SELECT COUNT(*) FROM audit")[0][0]))
 
-    def wait_for(self, predicate: Any, timeout: float = 10, what: str = "") -> Any:
-        return self.slack.wait_for(predicate, timeout, what)
+    def wait_rows(self, query: str, *args: Any, until: Callable[[list[tuple[Any, ...]]], Any],
+                  what: str, timeout: float | None = None) -> list[tuple[Any, ...]]:
+        """The query's rows, once `until(rows)` holds."""
+        return wait_for(lambda: self.rows(query, *args), until, what=what, timeout=timeout)
 
-    # -- reading the thread -------------------------------------------------------------------
+    def wait_step(self, app: str, env: str, step: str, status: str,
+                  timeout: float | None = None) -> dict[str, Any]:
+        found = wait_for(lambda: self.rotation(app, env),
+                         lambda r: r is not None and r["steps"].get(step) == status,
+                         what=f"{app} {env}: {step} {status}", timeout=timeout)
+        assert found is not None
+        return found
 
-    def root_for(self, rotation_id: int, timeout: float = 10) -> Message:
-        def find() -> Message | None:
-            return next((m for m in self.slack.roots()
-                         if (m.metadata or {}).get("event_payload") == {"rotation": rotation_id}),
-                        None)
-        return self.wait_for(find, timeout, f"the root message of #{rotation_id}")
+    def wait_status(self, app: str, env: str, status: str,
+                    timeout: float | None = None) -> dict[str, Any]:
+        found = wait_for(lambda: self.rotation(app, env),
+                         lambda r: r is not None and r["status"] == status,
+                         what=f"{app} {env} {status}", timeout=timeout)
+        assert found is not None
+        return found
 
-    def thread_text(self, rotation_id: int) -> list[str]:
-        return [m.text for m in self.slack.thread(self.root_for(rotation_id))]
+    # -- waiting for what `rotor serve` does ---------------------------------------------------
+
+    def wait_for(self, get: Callable[[], Any], until: Callable[[Any], Any] | None = None, *,
+                 what: str, timeout: float | None = None) -> Any:
+        """tests.waiting.wait_for, for tests that have a bot at hand."""
+        return wait_for(get, until, what=what, timeout=timeout)
+
+    def wait_log(self, text: str, timeout: float | None = None) -> str:
+        """The process's log, once it holds `text`."""
+        return str(wait_for(self.log, lambda log: text in log, what=f"{text!r} in the log",
+                            timeout=timeout))
+
+    # -- reading the thread: every reader waits for what the caller expects -------------------
+
+    def _root(self, rotation_id: int) -> Message | None:
+        return next((m for m in self.slack.roots()
+                     if (m.metadata or {}).get("event_payload") == {"rotation": rotation_id}),
+                    None)
+
+    def root_for(self, rotation_id: int, *showing: str, timeout: float | None = None
+                 ) -> Message:
+        """The rotation's root message, once it shows every one of `showing`.
+
+        The message is the fake's own object: chat.update changes it in place later."""
+        found = wait_for(lambda: self._root(rotation_id),
+                         lambda m: m is not None and all(t in m.everything() for t in showing),
+                         what=f"the root message of #{rotation_id} showing {list(showing)}",
+                         timeout=timeout)
+        assert found is not None
+        return found
+
+    def thread(self, rotation_id: int) -> list[Message]:
+        """The thread's replies as they are now (the root is waited for)."""
+        return self.slack.thread(self.root_for(rotation_id))
+
+    def thread_text(self, rotation_id: int, *expected: str,
+                    timeout: float | None = None) -> list[str]:
+        """The thread's texts, once every one of `expected` is in one of them."""
+        return wait_for(lambda: [m.text for m in self.thread(rotation_id)],
+                        lambda texts: all(any(e in t for t in texts) for e in expected),
+                        what=f"the thread of #{rotation_id} to say {list(expected)}",
+                        timeout=timeout)
+
+    def message(self, rotation_id: int, text: str,
+                where: Callable[[Message], Any] | None = None,
+                timeout: float | None = None) -> Message:
+        """The newest reply in the thread holding `text` (in its text or blocks), once there
+        is one and `where(message)` holds for it."""
+        def newest() -> Message | None:
+            return next((m for m in reversed(self.thread(rotation_id))
+                         if text in m.everything()), None)
+        found = wait_for(newest, lambda m: m is not None and (where is None or where(m)),
+                         what=f"a message with {text!r} in #{rotation_id}", timeout=timeout)
+        assert found is not None
+        return found
 
     def button(self, rotation_id: int, action_id: str, step: str | None = None,
-               timeout: float = 10) -> dict[str, Any]:
-        """The newest button with this action id (and step) in the rotation's thread."""
-        def find() -> dict[str, Any] | None:
-            root = self.root_for(rotation_id)
-            for message in reversed(self.slack.thread(root)):
+               where: Callable[[dict[str, Any]], Any] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
+        """The newest button with this action id (and step) in the rotation's thread, once
+        there is one and `where(button)` holds for it."""
+        def newest() -> dict[str, Any] | None:
+            for message in reversed(self.thread(rotation_id)):
                 for button in message.buttons():
                     if button["action_id"] == action_id and (
                             step is None or json.loads(button["value"])["step"] == step):
                         return button
             return None
-        return self.wait_for(find, timeout, f"a {action_id} button in #{rotation_id}")
+        found = wait_for(newest, lambda b: b is not None and (where is None or where(b)),
+                         what=f"a {action_id} button{f' for {step}' if step else ''} in "
+                              f"#{rotation_id}", timeout=timeout)
+        assert found is not None
+        return found
 
-    def wait_step(self, app: str, env: str, step: str, status: str, timeout: float = 10) -> None:
-        def check() -> bool:
-            rotation = self.rotation(app, env)
-            return bool(rotation and rotation["steps"].get(step) == status)
-        self.wait_for(check, timeout, f"{app} {env}: {step} {status}")
-
-    def wait_status(self, app: str, env: str, status: str, timeout: float = 10) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            rotation = self.rotation(app, env)
-            return rotation if rotation and rotation["status"] == status else None
-        return self.wait_for(check, timeout, f"{app} {env} {status}")
-
-    def reply_to(self, answer_index: int = -1) -> str:
-        return str(self.slack.responses()[answer_index].params.get("text", ""))
-
-    def wait_reply(self, contains: str, timeout: float = 10) -> str:
+    def wait_reply(self, contains: str, timeout: float | None = None) -> str:
+        """The newest response (via response_url) containing `contains`, once there is one."""
         def find() -> str | None:
             for call in reversed(self.slack.responses()):
                 text = str(call.params.get("text", ""))
                 if contains in text:
                     return text
             return None
-        return self.wait_for(find, timeout, f"a reply containing {contains!r}")
+        return str(wait_for(find, what=f"a reply containing {contains!r}", timeout=timeout))
 
 
 GROUPS = {"S0SRE": ["U0CAROL", "U0DAVE"], "S0SECONDLINE": ["U0ERIN"]}

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rotation.mysql import KIND
 from tests.rig import ContinuityProbe, Rig, read_state, rig
+from tests.waiting import wait_for
 
 STEPS = [s.name for s in KIND.steps(None, "x", "staging", {})]  # type: ignore[arg-type]
 
@@ -93,6 +94,12 @@ def _step_statuses(path: Path) -> dict[str, str]:
     return read_state(path)[0]
 
 
+def _statuses_while_running(world: Rig, proc: subprocess.Popen[Any]) -> dict[str, str]:
+    """The step statuses, as long as `rotor` has not failed."""
+    assert proc.poll() in (None, 0), f"rotor exited {proc.returncode} before the test expected"
+    return _step_statuses(world.state_path)
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_sigkill_after_each_step_resumes_cleanly(tmp_path, step):
     """Kill `rotor` the moment `step` is committed; the next `rotor` finishes the job."""
@@ -104,11 +111,9 @@ def test_sigkill_after_each_step_resumes_cleanly(tmp_path, step):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        while _step_statuses(world.state_path).get(step) not in ("done", "skipped"):
-            assert proc.poll() is None or proc.returncode == 0, "rotor died before the kill"
-            assert time.monotonic() < deadline, f"{step} never finished"
-            time.sleep(0.002)
+        wait_for(lambda: _statuses_while_running(world, proc),
+                 lambda statuses: statuses.get(step) in ("done", "skipped"),
+                 what=f"{step} to finish", interval=0.002)  # kill it right after
         proc.kill()
         proc.wait()
         statuses = _step_statuses(world.state_path)
@@ -133,11 +138,9 @@ def test_production_needs_a_second_person_and_2nd_line_told_first(world):
                          "--second-line-told", "phoned Sam on the 2nd line rota"],
         env=world.env(), cwd=world.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
-    deadline = time.monotonic() + 60
-    while _step_statuses(world.state_path).get("drop-old-user") != "needs-approval":
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: _statuses_while_running(world, proc),
+             lambda statuses: statuses.get("drop-old-user") == "needs-approval",
+             what="drop-old-user to need approval")
     refused = rotor(world, "approve", "1", actor="alice")
     assert refused.returncode == 1
     assert "production needs a second person" in refused.stderr
@@ -158,10 +161,9 @@ def test_production_without_slack_or_a_word_from_the_operator_drops_nothing(worl
     proc = subprocess.Popen(world.rotor() + ["rotate", world.app, "production"],
                             env=world.env(), cwd=world.workdir, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while _step_statuses(world.state_path).get("drop-old-user") != "needs-approval":
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: _statuses_while_running(world, proc),
+             lambda statuses: statuses.get("drop-old-user") == "needs-approval",
+             what="drop-old-user to need approval")
     assert rotor(world, "approve", "1", actor="bob").returncode == 0
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1

@@ -10,9 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from tests.rig import AWS_ENV, REPO, moto_client, moto_url
+from tests.waiting import wait_for
 
 
 def _rotate_until_waiting(cmd: list[str], env: dict[str, str]) -> str:
@@ -23,11 +23,12 @@ def _rotate_until_waiting(cmd: list[str], env: dict[str, str]) -> str:
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
                               daemon=True)
     reader.start()
-    deadline = time.monotonic() + 60
-    while not any(line.startswith("… wait-for-switch: waiting for") for line in lines):
+    def printed() -> list[str]:
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "never reached wait-for-switch"
-        time.sleep(0.05)
+        return list(lines)
+
+    wait_for(printed, lambda out: any(line.startswith("… wait-for-switch: waiting for")
+                                      for line in out), what="rotor to wait for the switch")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     reader.join(timeout=5)

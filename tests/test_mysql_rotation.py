@@ -15,6 +15,7 @@ from rotation import redact
 from rotation.engine import Engine
 from rotation.errors import RotationConflict, UnknownName
 from tests.rig import ContinuityProbe, Rig, drive
+from tests.waiting import DEADLINE
 
 
 def engine_for(world: Rig) -> Engine:
@@ -132,14 +133,9 @@ def test_lingering_connections_are_killed_only_on_approval(world):
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")
     held = world.box.connect(world.box.app_user, world.box.app_password, world.box.database)
-    deadline = time.monotonic() + 30
-    row = engine.advance(rotation.id)
-    while not (row.current and row.current.name == "drain" and row.phase == "needs-approval"):
-        assert time.monotonic() < deadline, row.phase
-        if row.phase == "needs-approval":
-            engine.approve(rotation.id, row.current.name, "bob")
-        time.sleep(0.05)
-        row = engine.advance(rotation.id)
+    row = drive(engine, rotation.id,
+                until=lambda r: r.current.name == "drain" and r.phase == "needs-approval")
+    assert (row.current.name, row.phase) == ("drain", "needs-approval")
     assert "Kill 1 connections" in row.current.gate_summary
     assert held.open
     final = drive(engine, rotation.id)
@@ -152,7 +148,7 @@ def test_cancel_before_promotion_leaves_awscurrent_untouched(world):
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")
     before = world.current()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + DEADLINE
     while engine.store.rotation(rotation.id).current.name != "test-login":
         assert time.monotonic() < deadline
         _advance_one(engine, rotation.id)

@@ -30,6 +30,7 @@ from rotation.errors import NotAllowed, UnknownName
 from rotation.postgres import KIND, next_restore
 from rotation.store import RotationRow, StepRow
 from tests.rig import Clock, ContinuityProbe, Rig, drive, point_at, read_state, rig
+from tests.waiting import wait_for
 
 # Saturday evening before the clocks go forward in London: the 03:00 restore after it is
 # 02:00 UTC, not 03:00.
@@ -574,6 +575,17 @@ def _rotor(world: Rig, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _wait_finished(world: Rig, proc: subprocess.Popen[bytes], step: str) -> None:
+    """Return the moment `step` is committed (polled often: the caller kills `rotor` then)."""
+
+    def statuses() -> dict[str, str]:
+        assert proc.poll() in (None, 0), f"rotor died before {step} finished"
+        return read_state(world.state_path)[0]
+
+    wait_for(statuses, lambda now: now.get(step) in ("done", "skipped"),
+             what=f"{step} to finish", interval=0.002)
+
+
 def _kill_after_each_step(world: Rig, args: list[str], steps: list[str]) -> None:
     """Start `rotor`, SIGKILL it the moment `step` is committed, for each step in turn."""
     for step in steps:
@@ -586,11 +598,7 @@ def _kill_after_each_step(world: Rig, args: list[str], steps: list[str]) -> None
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while read_state(world.state_path)[0].get(step) not in ("done", "skipped"):
-            assert proc.poll() in (None, 0), f"rotor died before {step} finished"
-            assert time.monotonic() < deadline, f"{step} never finished"
-            time.sleep(0.002)
+        _wait_finished(world, proc, step)
         proc.kill()
         proc.wait()
     if read_state(world.state_path)[1] != "done":

@@ -23,13 +23,6 @@ def start(bot: BotProcess, app: str, env: str, user: str = "U0ALICE") -> int:
     return int(rotation["id"])
 
 
-def message_with(bot: BotProcess, rotation_id: int, text: str):
-    def find():
-        return next((m for m in bot.slack.thread(bot.root_for(rotation_id))
-                     if text in m.everything()), None)
-    return bot.wait_for(find, what=f"a message with {text!r}")
-
-
 def test_approvals_replace_their_buttons_and_the_rotation_finishes(bot, slack, apps):
     app = apps()
     rotation_id = start(bot, app, "staging")
@@ -37,20 +30,18 @@ def test_approvals_replace_their_buttons_and_the_rotation_finishes(bot, slack, a
     assert bot.click(approve, user="U0BOB").status == 200
     bot.wait_step(app, "staging", "drop-old-user", "needs-approval")
 
-    decided = message_with(bot, rotation_id, "Approved by <@U0BOB>")
+    decided = bot.message(rotation_id, "Approved by <@U0BOB>")
     assert decided.buttons() == [] and "`switch`" in decided.text
     drop = bot.button(rotation_id, "approve", "drop-old-user")
     assert drop["confirm"]["title"]["text"] == "Approve a destructive step?"
     bot.click(drop, user="U0CAROL")
     bot.wait_status(app, "staging", "done")
 
-    finished = message_with(bot, rotation_id, ":tada:")
+    finished = bot.message(rotation_id, ":tada:")
     assert [b["text"]["text"] for b in finished.buttons()] == ["Rotate production next"]
-    bot.wait_for(lambda: "6/6 done" in bot.root_for(rotation_id).everything(),
-                 what="the root to show 6/6")
-    thread = "\n".join(bot.thread_text(rotation_id))
-    for step in ("preflight", "create-user", "sync", "login", "drop-old-user"):
-        assert f"`{step}` done" in thread
+    bot.root_for(rotation_id, "6/6 done")
+    bot.thread_text(rotation_id, *(f"`{step}` done" for step in (
+        "preflight", "create-user", "sync", "login", "drop-old-user")))
     # Staging has no 2nd line notice.
     assert slack.channel_messages("#govuk-2ndline") == []
 
@@ -86,7 +77,7 @@ def test_production_needs_a_second_person_and_tells_second_line_first(bot, slack
                     "ORDER BY id", rotation_id)
     assert rows.index(("second-line-notified", "drop-old-user", None)) < rows.index(
         ("step", "drop-old-user", "done"))
-    message_with(bot, rotation_id, "2nd line told before `drop-old-user`")
+    bot.message(rotation_id, "2nd line told before `drop-old-user`")
 
 
 def test_a_double_click_approves_once(bot, apps):
@@ -143,8 +134,9 @@ def test_clicks_on_finished_unknown_or_malformed_rotations_change_nothing(bot, a
 def test_request_and_rotate_now_clicks_that_are_refused_change_nothing(bot, apps):
     app = apps()
     rotation_id = start(bot, app, "production")  # waits for approval: it offers nothing
-    assert not any(b["action_id"] == "request" for m in bot.slack.thread(
-        bot.root_for(rotation_id)) for b in m.buttons())
+    bot.button(rotation_id, "approve")  # the thread has caught up with the approval request
+    assert not any(b["action_id"] == "request" for m in bot.thread(rotation_id)
+                   for b in m.buttons())
     before = bot.changes()
 
     bot.click({"action_id": "request", "value": f"{rotation_id}:rollback"}, user="U0MALLORY")
@@ -171,7 +163,7 @@ def test_a_failed_step_offers_retry_and_cancel(bot, apps):
         rotation_id = start(bot, app, "staging")
         bot.click(bot.button(rotation_id, "approve"), user="U0BOB")
         bot.wait_step(app, "staging", "login", "failed")
-        failure = message_with(bot, rotation_id, "`login` failed")
+        failure = bot.message(rotation_id, "`login` failed", where=lambda m: m.buttons())
         assert "login as" in failure.text and "failed with password [redacted]" in failure.text
         assert [b["action_id"] for b in failure.buttons()] == ["retry", "cancel"]
         assert failure.buttons()[1]["confirm"]["confirm"]["text"] == "Cancel it"
@@ -179,7 +171,7 @@ def test_a_failed_step_offers_retry_and_cancel(bot, apps):
         fail.unlink()
     bot.click(failure.buttons()[0], user="U0BOB")
     bot.wait_step(app, "staging", "drop-old-user", "needs-approval")
-    retried = message_with(bot, rotation_id, "Retried by <@U0BOB>")
+    retried = bot.message(rotation_id, "Retried by <@U0BOB>")
     assert retried.buttons() == []
 
 
@@ -188,11 +180,12 @@ def test_reject_then_cancel_from_the_thread(bot, apps):
     rotation_id = start(bot, app, "staging")
     bot.click(bot.button(rotation_id, "reject"), user="U0BOB")
     bot.wait_step(app, "staging", "switch", "failed")
-    message_with(bot, rotation_id, "Rejected by <@U0BOB>")
-    failure = message_with(bot, rotation_id, "`switch` failed: rejected by <@U0BOB>")
+    bot.message(rotation_id, "Rejected by <@U0BOB>")
+    failure = bot.message(rotation_id, "`switch` failed: rejected by <@U0BOB>",
+                          where=lambda m: m.buttons())
     bot.click(failure.buttons()[1], user="U0CAROL")
     bot.wait_status(app, "staging", "cancelled")
-    message_with(bot, rotation_id, "Cancelled by <@U0CAROL>")
+    bot.message(rotation_id, "Cancelled by <@U0CAROL>")
     assert bot.wait_for(lambda: failure.buttons() == [], what="the buttons to go")
 
 
@@ -216,8 +209,8 @@ def test_app_home_lists_active_rotations_and_those_waiting(bot, slack, apps):
     rotation_id = start(bot, app, "staging")
     assert bot.event({"type": "app_home_opened", "user": "U0BOB", "channel": "D0BOB",
                       "tab": "home", "event_ts": "1.0"}).status == 200
-    published = bot.wait_for(lambda: [c for c in slack.calls_to("views.publish")
-                                      if c.params.get("user_id") == "U0BOB"],
-                             what="views.publish")
-    view = str(published[-1].params["view"])
-    assert "Waiting for approval" in view and f"#{rotation_id} mysql {app} in staging" in view
+    listed = f"#{rotation_id} mysql {app} in staging"
+    bot.wait_for(lambda: [str(c.params["view"]) for c in slack.calls_to("views.publish")
+                          if c.params.get("user_id") == "U0BOB"],
+                 lambda views: any("Waiting for approval" in v and listed in v for v in views),
+                 what=f"U0BOB's home to list {listed} as waiting for approval")

@@ -128,7 +128,7 @@ def test_garbled_commands_change_nothing(bot, slack, text, reply):
 def test_start_posts_a_root_message_and_the_thread_follows(bot, slack, apps):
     app = apps()
     answer = bot.command(f"{app} staging", user="U0ALICE")
-    assert answer.status == 200 and answer.seconds < 1
+    assert answer.status == 200  # how fast: benchmarks/ack_latency.py
     reply = bot.wait_reply(f"{app} in staging")
     rotation = bot.wait_status(app, "staging", "active")
     assert f"Started rotation #{rotation['id']}" in reply and "#govuk-developers" in reply
@@ -136,16 +136,11 @@ def test_start_posts_a_root_message_and_the_thread_follows(bot, slack, apps):
     root = bot.root_for(rotation["id"])
     assert root.channel == slack.channels["#govuk-developers"]
     bot.button(rotation["id"], "approve")  # the approval request is in the thread
-    root = bot.root_for(rotation["id"])
-    text = root.everything()
-    for expected in (f"Rotation #{rotation['id']}: {app} in staging", "(mysql)",
-                     "Started by <@U0ALICE>", "2/6 done", "waiting for approval of `switch`",
-                     "Preflight: the app's user and grants", "Drop the old user"):
-        assert expected in text
-    thread = bot.thread_text(rotation["id"])
-    assert any("`preflight` done" in t for t in thread)
-    assert any("`create-user` done" in t for t in thread)
-    assert any("`switch` needs approval" in t for t in thread)
+    bot.root_for(rotation["id"], f"Rotation #{rotation['id']}: {app} in staging", "(mysql)",
+                 "Started by <@U0ALICE>", "2/6 done", "waiting for approval of `switch`",
+                 "Preflight: the app's user and grants", "Drop the old user")
+    bot.thread_text(rotation["id"], "`preflight` done", "`create-user` done",
+                    "`switch` needs approval")
 
 
 def test_a_command_slack_sends_again_starts_once(bot, slack, apps):
@@ -157,7 +152,8 @@ def test_a_command_slack_sends_again_starts_once(bot, slack, apps):
     assert first.status == again.status == 200
     rotation = bot.wait_status(app, "staging", "active")
     bot.root_for(rotation["id"])
-    bot.wait_for(lambda: "re-sent by Slack" in bot.log(), what="the retry to be noticed")
+    bot.wait_reply(f"{app} in staging")
+    bot.wait_log("re-sent by Slack")
     started = [c for c in slack.responses() if f"{app} in staging" in str(c.params)]
     assert len(started) == 1
     assert bot.rows("SELECT COUNT(*) FROM rotations WHERE target = ?", app)[0][0] == 1
@@ -197,9 +193,9 @@ def test_status_list_and_plan_answer_only_the_asker(bot, apps):
     bot.command(f"{app} staging")
     rotation = bot.wait_status(app, "staging", "active")
     bot.root_for(rotation["id"])
-    bot.wait_for(lambda: bot.rows("SELECT value FROM kv WHERE key = ? AND value LIKE ?",
-                                  f"slack:rotation:{rotation['id']}", '%"link": "https%'),
-                 what="the thread's permalink")
+    bot.wait_rows("SELECT value FROM kv WHERE key = ? AND value LIKE ?",
+                  f"slack:rotation:{rotation['id']}", '%"link": "https%', until=bool,
+                  what="the thread's permalink")
 
     bot.command(f"status {rotation['id']}")
     detail = bot.wait_reply(f"#{rotation['id']} mysql {app} in staging")
@@ -247,7 +243,7 @@ def test_other_runbooks_are_routed_or_not_available_yet(bot):
 
 def test_keys_reports_access_key_ages(bot):
     bot.command("keys staging")
-    report = bot.wait_reply("*Access keys in staging*", timeout=20)
+    report = bot.wait_reply("*Access keys in staging*")
     assert "0 overdue" in report
 
 
@@ -262,7 +258,6 @@ def test_cancel_and_retry_by_command(bot, apps):
     bot.command(f"cancel {rotation['id']}", user="U0BOB")
     bot.wait_reply(f":x: Cancelled rotation #{rotation['id']}")
     bot.wait_status(app, "staging", "cancelled")
-    bot.wait_for(lambda: any("Cancelled by <@U0BOB>" in t
-                             for t in bot.thread_text(rotation["id"])), what="the thread note")
+    bot.thread_text(rotation["id"], "Cancelled by <@U0BOB>")
     bot.command(f"cancel {rotation['id']}")
     bot.wait_reply(f"rotation #{rotation['id']} is cancelled; nothing to do")

@@ -92,9 +92,10 @@ def test_rotate_a_key_from_slack_and_reactivate_the_old_one(tmp_path, monkeypatc
             bot.click(reactivate, user="U0DAVE")  # the old button, once the step moved on
             refusal = bot.wait_reply("does not offer reactivate")
             assert refusal.startswith(":no_entry:") and "\n" not in refusal
-            bot.wait_for(lambda: any(":lock: Reactivate old key" in t
-                                     for t in bot.thread_text(rotation_id)),
-                         what="the Reactivate button to go")
+            bot.thread_text(rotation_id, ":lock: Reactivate old key",
+                            "<@U0CAROL> asked for `reactivate`")
+            bot.wait_for(slack.everything, lambda sent: "reactivated by U0CAROL" in sent,
+                         what="'reactivated by U0CAROL' in Slack")
 
             # The key-age check's "Rotate now" starts the next rotation of the user's key.
             rotate_now = {"action_id": "rotate_key_now", "value": f"{user} staging"}
@@ -108,9 +109,6 @@ def test_rotate_a_key_from_slack_and_reactivate_the_old_one(tmp_path, monkeypatc
         finally:
             service.stop()
 
-        thread = "\n".join(bot.thread_text(rotation_id))
-        assert "<@U0CAROL> asked for `reactivate`" in thread
-        assert "reactivated by U0CAROL" in slack.everything()
         assert_posted_once(slack, rotation_id)
         new_secret = json.loads(sm.get_secret_value(
             SecretId=secret_id, VersionStage="AWSCURRENT")["SecretString"])

@@ -20,8 +20,10 @@ def test_http_mode_answers_health_and_stops_cleanly_on_sigterm(tmp_path):
         bot.command("signon staging")
         bot.wait_step("signon", "staging", "switch", "needs-approval")
         started = time.monotonic()
-        assert bot.stop(signal.SIGTERM) == 0
-        assert time.monotonic() - started < 5
+        assert bot.stop(signal.SIGTERM, timeout=60) == 0
+        # Inside Kubernetes' default 30 s grace period, with room for a loaded machine (a
+        # quiet one takes well under a second).
+        assert time.monotonic() - started < 25
         log = bot.log()
         assert "serve: HTTP mode" in log and "serve: stopped" in log
         assert "Traceback" not in log
@@ -39,7 +41,7 @@ def test_socket_mode_answers_health_while_it_cannot_reach_slack(tmp_path):
             assert readyz.status == 503 and "not connected to Slack" in readyz.body
             assert bot.get("/slack/events").status == 404  # no HTTP endpoint in Socket Mode
             bot.wait_for(lambda: slack.calls_to("apps.connections.open"), what="a connect try")
-            assert "Socket Mode connection failed" in bot.log()
+            bot.wait_log("Socket Mode connection failed")
         finally:
             assert bot.stop() == 0
 
@@ -50,7 +52,7 @@ def test_without_slack_tokens_it_runs_workers_and_health_only(tmp_path):
         try:
             assert bot.get("/readyz").status == 200
             assert bot.get("/slack/events").status == 404
-            assert "without Slack (no SLACK_BOT_TOKEN)" in bot.log()
+            bot.wait_log("without Slack (no SLACK_BOT_TOKEN)")
         finally:
             assert bot.stop() == 0
         assert slack.calls == []

@@ -11,30 +11,24 @@ def start(bot: BotProcess, app: str, env: str, user: str = "U0ALICE") -> int:
     return int(rotation["id"])
 
 
-def messages_with(bot: BotProcess, rotation_id: int, text: str) -> list:
-    return [m for m in bot.slack.thread(bot.root_for(rotation_id)) if text in m.everything()]
-
-
 def test_an_unanswered_approval_is_reminded_once_then_pauses_until_asked_again(tmp_path):
     # Reminder after 0.6 s, expiry after 1.8 s.
     with running_bot(tmp_path, remind_minutes=0.01, expire_hours=0.0005) as bot:
         rotation_id = start(bot, "signon", "staging")
-        bot.wait_for(lambda: messages_with(bot, rotation_id, ":bell: Reminder: `switch`"),
-                     what="a reminder")
-        expired = bot.wait_for(lambda: messages_with(bot, rotation_id, "Ask again"),
-                               what="the expiry notice")[0]
+        bot.message(rotation_id, ":bell: Reminder: `switch`")
+        expired = bot.message(rotation_id, "Ask again")
         rotation = bot.rotation("signon", "staging")
         assert rotation and rotation["status"] == "active" and rotation["steps"]["switch"] == "needs-approval"
-        assert len(messages_with(bot, rotation_id, ":bell: Reminder")) == 1
-        request = messages_with(bot, rotation_id, ":alarm_clock: Expired")[0]
+        request = bot.message(rotation_id, ":alarm_clock: Expired")
         assert request.buttons() == [] and "Point signon at signon_2" in request.everything()
+        assert len([m for m in bot.thread(rotation_id) if ":bell: Reminder" in m.everything()]) == 1
 
         # An expired approval cannot be given; asking again reopens it.
         bot.click({"action_id": "approve", "value": f'{{"rotation":{rotation_id},'
                                                     f'"step":"switch"}}'}, user="U0BOB")
         bot.wait_reply("expired; ask for it again")
         bot.click(expired.buttons()[0], user="U0ALICE")
-        bot.wait_for(lambda: "Asked again by <@U0ALICE>" in expired.text, what="asked again")
+        bot.message(rotation_id, "Asked again by <@U0ALICE>")
         bot.click(bot.button(rotation_id, "approve"), user="U0BOB")
         bot.wait_step("signon", "staging", "switch", "done")
 
@@ -45,20 +39,21 @@ def test_second_line_can_hold_a_destructive_step_during_the_hold_period(tmp_path
         bot.click(bot.button(rotation_id, "approve"), user="U0BOB")
         bot.click(bot.button(rotation_id, "approve", "drop-old-user"), user="U0CAROL")
         notice = bot.wait_for(lambda: bot.slack.channel_messages("#govuk-2ndline"),
-                              what="the 2nd line notice")[0]
+                              lambda notices: notices and notices[0].buttons(),
+                              what="the 2nd line notice with its Hold button")[0]
         bot.wait_step("signon", "production", "drop-old-user", "waiting")
-        told = bot.wait_for(lambda: messages_with(bot, rotation_id, "unless someone holds it"),
-                            what="the hold offer in the thread")[0]
+        told = bot.message(rotation_id, "unless someone holds it")
         assert [b["action_id"] for b in told.buttons()] == ["hold"]
 
         bot.click(notice.buttons()[0], user="U0ERIN")  # 2nd line, in neither list
         bot.wait_step("signon", "production", "drop-old-user", "needs-approval")
-        again = bot.wait_for(lambda: messages_with(bot, rotation_id, "it needs approving again"),
-                             what="a new approval request naming the hold")[0]
+        again = bot.message(rotation_id, "it needs approving again")
         assert "Held by <@U0ERIN>" in again.everything()
         assert [b["action_id"] for b in again.buttons()] == ["approve", "reject"]
-        assert messages_with(bot, rotation_id, "Approved by <@U0CAROL>")
-        assert told.buttons() == [] and "Held by <@U0ERIN>" in told.text
+        bot.message(rotation_id, "Approved by <@U0CAROL>")
+        bot.wait_for(lambda: (told.text, told.buttons()),
+                     lambda now: "Held by <@U0ERIN>" in now[0] and now[1] == [],
+                     what="the hold offer to say who held it, without its button")
         runs = bot.rows("SELECT COUNT(*) FROM audit WHERE step = 'drop-old-user' AND "
                         "to_status = 'done'")
         assert runs == [(0,)]

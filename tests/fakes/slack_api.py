@@ -179,17 +179,6 @@ class FakeSlack:
         with self._lock:
             return "\n".join(c.text() for c in self.calls)
 
-    def wait_for(self, predicate: Any, timeout: float = 10.0, what: str = "") -> Any:
-        """Poll `predicate()` until it returns something truthy (tests only)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what or predicate}")
-            time.sleep(0.02)
-
     # -- the API ---------------------------------------------------------------------------
 
     def _next_ts(self) -> str:
