@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tests.slackbot import BotProcess, running_bot
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.fakes.slack_api import FakeSlack
+from tests.slackbot import GROUPS, BotProcess, running_bot
 
 
 def start(bot: BotProcess, app: str, env: str, user: str = "U0ALICE") -> int:
@@ -11,30 +17,50 @@ def start(bot: BotProcess, app: str, env: str, user: str = "U0ALICE") -> int:
     return int(rotation["id"])
 
 
-def test_an_unanswered_approval_is_reminded_once_then_pauses_until_asked_again(tmp_path):
-    # Reminder after 0.6 s, expiry after 1.8 s.
-    with running_bot(tmp_path, remind_minutes=0.01, expire_hours=0.0005) as bot:
-        rotation_id = start(bot, "signon", "staging")
-        bot.message(rotation_id, ":bell: Reminder: `switch`")
-        expired = bot.message(rotation_id, "Ask again")
-        rotation = bot.rotation("signon", "staging")
-        assert rotation and rotation["status"] == "active" and rotation["steps"]["switch"] == "needs-approval"
-        request = bot.message(rotation_id, ":alarm_clock: Expired")
-        assert request.buttons() == [] and "Point signon at signon_2" in request.everything()
-        assert len([m for m in bot.thread(rotation_id) if ":bell: Reminder" in m.everything()]) == 1
+@contextmanager
+def serving(workdir: Path, slack: FakeSlack, **settings: Any) -> Iterator[BotProcess]:
+    """`rotor serve` on the state DB in `workdir`, with rotor.yml written for `settings`."""
+    bot = BotProcess(workdir, slack, **settings)
+    bot.write_config()
+    bot.start()
+    try:
+        yield bot
+    finally:
+        bot.stop()
 
-        # An expired approval cannot be given; asking again reopens it.
-        bot.click({"action_id": "approve", "value": f'{{"rotation":{rotation_id},'
-                                                    f'"step":"switch"}}'}, user="U0BOB")
-        bot.wait_reply("expired; ask for it again")
-        bot.click(expired.buttons()[0], user="U0ALICE")
-        bot.message(rotation_id, "Asked again by <@U0ALICE>")
-        bot.click(bot.button(rotation_id, "approve"), user="U0BOB")
-        bot.wait_step("signon", "staging", "switch", "done")
+
+def test_an_unanswered_approval_is_reminded_once_then_pauses_until_asked_again(tmp_path):
+    # Each timer gets a process of its own (the state DB carries on), so they never race
+    # however slowly the machine runs: an approval that expired is not reminded of, and one
+    # asked for again would expire again in 1.8 s.
+    with FakeSlack(groups=dict(GROUPS)) as slack:
+        with serving(tmp_path, slack, remind_minutes=0.01) as bot:  # reminded after 0.6 s
+            rotation_id = start(bot, "signon", "staging")
+            bot.message(rotation_id, ":bell: Reminder: `switch`")
+
+        with serving(tmp_path, slack, remind_minutes=0.01, expire_hours=0.0005) as bot:
+            expired = bot.message(rotation_id, "Ask again")  # expired after 1.8 s
+            rotation = bot.rotation("signon", "staging")
+            assert rotation and rotation["status"] == "active"
+            assert rotation["steps"]["switch"] == "needs-approval"
+            request = bot.message(rotation_id, ":alarm_clock: Expired")
+            assert request.buttons() == [] and "Point signon at signon_2" in request.everything()
+            assert len([m for m in bot.thread(rotation_id)
+                        if ":bell: Reminder" in m.everything()]) == 1
+
+        with serving(tmp_path, slack) as bot:  # reminders after an hour, expiry after a day
+            # An expired approval cannot be given; asking again reopens it.
+            bot.click({"action_id": "approve", "value": f'{{"rotation":{rotation_id},'
+                                                        f'"step":"switch"}}'}, user="U0BOB")
+            bot.wait_reply("expired; ask for it again")
+            bot.click(expired.buttons()[0], user="U0ALICE")
+            bot.message(rotation_id, "Asked again by <@U0ALICE>")
+            bot.click(bot.button(rotation_id, "approve"), user="U0BOB")
+            bot.wait_step("signon", "staging", "switch", "done")
 
 
 def test_second_line_can_hold_a_destructive_step_during_the_hold_period(tmp_path):
-    with running_bot(tmp_path, hold=30) as bot:
+    with running_bot(tmp_path, hold=600) as bot:  # far longer than the test takes
         rotation_id = start(bot, "signon", "production")
         bot.click(bot.button(rotation_id, "approve"), user="U0BOB")
         bot.click(bot.button(rotation_id, "approve", "drop-old-user"), user="U0CAROL")
