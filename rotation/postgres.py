@@ -202,7 +202,7 @@ def _preflight_env(ctx: Context, env: str) -> str:
             "user"
         )
     read_only = [
-        o for o, r in rights.items() if o.startswith("table ") and "r" in r and not {*"awd"} & {*r}
+        o for o, r in rights.items() if o.startswith("table ") and "r" in r and not {*"awdiu"} & {*r}
     ]
     if read_only:
         found += f"; {old} may only read {_plural(len(read_only), 'table')}, and keeps only that"
