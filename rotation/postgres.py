@@ -202,7 +202,9 @@ def _preflight_env(ctx: Context, env: str) -> str:
             "user"
         )
     read_only = [
-        o for o, r in rights.items() if o.startswith("table ") and "r" in r and not {*"awdiu"} & {*r}
+        o
+        for o, r in rights.items()
+        if o.startswith("table ") and "r" in r and not {*"awdiu"} & {*r}
     ]
     if read_only:
         found += f"; {old} may only read {_plural(len(read_only), 'table')}, and keeps only that"
@@ -225,12 +227,14 @@ def _preflight_copy(ctx: Context, copy: str) -> str:
     )
 
 
-def _rights_before(
-    ctx: Context, conn: postgres_db.Connection, env: str, old: str
-) -> dict[str, str]:
-    """What the app user could do at preflight (read then from the world if preflight ran
-    before Rotor kept it)."""
-    return dict(_state(ctx, env).get("rights") or postgres_rights.rights(conn, old))
+def _rights_before(ctx: Context, env: str, old: str) -> dict[str, str]:
+    """What the app user could do at preflight (read now if preflight ran before Rotor kept
+    it: a rotation started by an older Rotor)."""
+    kept = _state(ctx, env).get("rights")
+    if kept is not None:
+        return dict(kept)
+    with admin(ctx, env) as conn:
+        return postgres_rights.rights(conn, old)
 
 
 def convert(ctx: Context, env: str | None = None) -> Outcome:
@@ -243,9 +247,9 @@ def convert(ctx: Context, env: str | None = None) -> Outcome:
     env = _env(ctx, env)
     old, database = _state(ctx, env)["old_username"], _state(ctx, env)["database"]
     owner_role = ctx.data["owner_role"]
+    before = _rights_before(ctx, env, old)
     with admin(ctx, env) as conn:
         report = postgres_db.preflight(conn, old, owner_role)
-        before = _rights_before(ctx, conn, env, old)
         carry = postgres_rights.carry_over_plan(conn, old, owner_role, [owner_role])
         has_role = owner_role in report.roles
         if not postgres_db.needs_conversion(report, old):
@@ -321,8 +325,7 @@ def test_login(ctx: Context, env: str | None = None) -> Outcome:
     env = _env(ctx, env)
     old = _state(ctx, env)["old_username"]
     pending = appcreds.pending_secret(ctx)
-    with admin(ctx, env) as conn:
-        before = _rights_before(ctx, conn, env, old)
+    before = _rights_before(ctx, env, old)
     summary = postgres_rights.probe(
         _endpoint(ctx, pending["username"], pending["password"], env), before, old
     )
@@ -457,7 +460,7 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
         if env == ctx.env and _copies(ctx) and not _compromised(ctx.params):
             carried = f"; the next restore carries this to {', '.join(_copies(ctx))}"
         heirs = [owner_role, new]
-        kept = _what_drop_owned_keeps(conn, old, owner_role, heirs)
+        kept = postgres_rights.retire_preview(conn, old, owner_role, heirs)
         ctx.approve(
             f'Retire {old} in {env} ({database}): REASSIGN OWNED BY "{old}" TO '
             f'"{owner_role}", DROP OWNED BY "{old}", DROP USER "{old}". AWSCURRENT holds '
@@ -474,26 +477,6 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
             before_drop=partial(postgres_rights.check_kept, old=old, new=new, heirs=heirs),
         )
     return Done(f"{env}: {'; '.join(changes) or f'{old} is already gone'}")
-
-
-def _what_drop_owned_keeps(
-    conn: postgres_db.Connection, old: str, owner_role: str, heirs: list[str]
-) -> str:
-    """For the retire approval: the default privileges DROP OWNED drops with the old user, and
-    what is copied first so the app and other roles keep them."""
-    defaults = postgres_rights.default_privileges(conn, old)
-    todo = postgres_rights.carry_over_plan(conn, old, owner_role, heirs)
-    text = ""
-    if defaults:
-        text += (
-            f". DROP OWNED drops the default privileges defined for {old} "
-            f"({postgres_rights.shorten(defaults, 5)}); {' and '.join(heirs)} keep them"
-        )
-    if todo:
-        text += f". First copied: {postgres_rights.shorten(todo, 10)}"
-    if defaults or todo:
-        text += "; checked again right before DROP OWNED"
-    return text
 
 
 # -- the kind --------------------------------------------------------------------------

@@ -9,8 +9,9 @@ owner role by itself, so this module reads and carries each of them:
   the admin for any role. A lookup table the app may only SELECT stays read-only, and that
   is fine: the probe (`probe`) compares with what the old user could do instead of demanding
   INSERT/UPDATE/DELETE everywhere.
-- Privileges granted to the old user itself (`direct_grants`), not through the owner role.
-  They are copied to the owner role, so the new user (and every later one) inherits them.
+- Privileges granted to the old user itself (`direct_grants`), not through the owner role,
+  and roles it is a member of besides the owner role (`roles_to_copy`). Both are copied to the
+  owner role, so the new user (and every later one) inherits them.
 - Default privileges (`ALTER DEFAULT PRIVILEGES FOR ROLE <old user>`, pg_default_acl). `DROP
   OWNED` drops them with the old user, so another role (reporting) would silently lose access
   to every table a later migration creates. They are re-created for the owner role and for
@@ -283,17 +284,17 @@ _GRANTS_QUERY = """
     SELECT CASE c.relkind WHEN 'S' THEN 'sequence' ELSE 'table' END, c.oid, n.nspname::text,
            c.relname::text, '', a.privilege_type, a.is_grantable, '{}'::text[], '{}'::text[]
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a, who
-    WHERE a.grantee = who.r AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+    WHERE a.grantee = who.r AND c.relowner <> who.r AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
   UNION ALL
     SELECT 'column', c.oid, n.nspname::text, c.relname::text, t.attname::text,
            a.privilege_type, a.is_grantable, '{}', '{}'
     FROM pg_attribute t JOIN pg_class c ON c.oid = t.attrelid
          JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(t.attacl) a, who
-    WHERE a.grantee = who.r AND NOT t.attisdropped AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+    WHERE a.grantee = who.r AND c.relowner <> who.r AND NOT t.attisdropped AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
   UNION ALL
     SELECT 'schema', n.oid, '', n.nspname::text, '', a.privilege_type, a.is_grantable, '{}', '{}'
     FROM pg_namespace n, aclexplode(n.nspacl) a, who
-    WHERE a.grantee = who.r AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+    WHERE a.grantee = who.r AND n.nspowner <> who.r AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
   UNION ALL
     SELECT 'routine', p.oid, n.nspname::text, p.proname::text, '', a.privilege_type,
            a.is_grantable,
@@ -303,12 +304,13 @@ _GRANTS_QUERY = """
            array(SELECT y.typname::text FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY u(t, i)
                  JOIN pg_type y ON y.oid = u.t ORDER BY u.i)
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace, aclexplode(p.proacl) a, who
-    WHERE a.grantee = who.r AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+    WHERE a.grantee = who.r AND p.proowner <> who.r
+      AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
   UNION ALL
     SELECT 'database', d.oid, '', d.datname::text, '', a.privilege_type, a.is_grantable,
            '{}', '{}'
     FROM pg_database d, aclexplode(d.datacl) a, who
-    WHERE a.grantee = who.r AND d.datname = current_database()
+    WHERE a.grantee = who.r AND d.datdba <> who.r AND d.datname = current_database()
     ORDER BY 1, 3, 4, 5, 6
 """
 
@@ -370,7 +372,8 @@ class Grant:
 
 
 def direct_grants(conn: Connection, role: str) -> list[Grant]:
-    """Privileges granted to `role` itself in this database, which a new user does not get."""
+    """Privileges granted to `role` itself in this database, which a new user does not get.
+    What it holds as the owner is left out: that goes with the ownership."""
     with _errors(f"direct grants of {role}"):
         rows = _rows(conn, _GRANTS_QUERY, {"role": validate_role_name(role)})
     return [
@@ -408,6 +411,31 @@ def copy_grants(conn: Connection, role: str, to: str) -> list[str]:
             )
         changes.append(f"granted {grant.describe()} to {to} (held by {role} directly)")
         log.info("%s: granted %s to %s", step, grant.describe(), to)
+    return changes
+
+
+def roles_to_copy(conn: Connection, role: str, to: str) -> list[str]:
+    """Roles `role` is a member of (other than `to`) that `to` is not a member of yet."""
+    query = """
+        SELECT g.rolname::text FROM pg_auth_members m
+        JOIN pg_roles r ON r.oid = m.member JOIN pg_roles g ON g.oid = m.roleid
+        WHERE r.rolname = %(role)s AND g.rolname <> %(to)s
+          AND NOT EXISTS (SELECT 1 FROM pg_roles t
+                          WHERE t.rolname = %(to)s AND pg_has_role(t.oid, g.oid, 'MEMBER'))
+        ORDER BY 1
+    """
+    with _errors(f"memberships of {role}"):
+        return [str(r[0]) for r in _rows(conn, query, {"role": role, "to": to})]
+
+
+def copy_roles(conn: Connection, role: str, to: str) -> list[str]:
+    """Grant `to` the roles `role` is a member of, so every user of `to` has their rights."""
+    changes = []
+    for granted in roles_to_copy(conn, role, to):
+        with _errors(f"copy_roles: GRANT {granted} TO {to}"):
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(granted), _role(to)))
+        changes.append(f"granted role {granted} to {to} ({role} is a member)")
+        log.info("copy_roles: granted %s to %s", granted, to)
     return changes
 
 
@@ -559,19 +587,40 @@ def copy_default_privileges(conn: Connection, role: str, to: str) -> list[str]:
 def carry_over_plan(conn: Connection, old: str, owner_role: str, heirs: Sequence[str]) -> list[str]:
     """What `carry_over` would do, for an approval text: direct grants to the owner role,
     default privileges to every heir (the owner role, and the new user once it exists)."""
-    plan = [f"GRANT {g.describe()} TO {owner_role}" for g in grants_to_copy(conn, old, owner_role)]
+    plan = [f"GRANT {r} TO {owner_role}" for r in roles_to_copy(conn, old, owner_role)]
+    plan += [f"GRANT {g.describe()} TO {owner_role}" for g in grants_to_copy(conn, old, owner_role)]
     for heir in heirs:
         plan += [c.describe() for c in default_privileges_to_copy(conn, old, heir)]
     return plan
 
 
 def carry_over(conn: Connection, old: str, owner_role: str, heirs: Sequence[str]) -> list[str]:
-    """Copy to the owner role what `old` holds directly and re-create `old`'s default
-    privileges for every heir. Idempotent; raises when something could not be copied."""
-    changes = copy_grants(conn, old, owner_role)
+    """Copy to the owner role the roles `old` is a member of and what it holds directly, and
+    re-create `old`'s default privileges for every heir. Idempotent; raises when something
+    could not be copied."""
+    changes = copy_roles(conn, old, owner_role)
+    changes += copy_grants(conn, old, owner_role)
     for heir in heirs:
         changes += copy_default_privileges(conn, old, heir)
     return changes
+
+
+def retire_preview(conn: Connection, old: str, owner_role: str, heirs: Sequence[str]) -> str:
+    """For the retire approval: the default privileges DROP OWNED drops with the old user, and
+    what is copied first so the app and other roles keep them ('' when nothing)."""
+    defaults = default_privileges(conn, old)
+    todo = carry_over_plan(conn, old, owner_role, heirs)
+    text = ""
+    if defaults:
+        text += (
+            f". DROP OWNED drops the default privileges defined for {old} "
+            f"({shorten(defaults)}); {' and '.join(heirs)} keep them"
+        )
+    if todo:
+        text += f". First copied: {shorten(todo, 10)}"
+    if defaults or todo:
+        text += "; checked again right before DROP OWNED"
+    return text
 
 
 def check_kept(conn: Connection, old: str, new: str, heirs: Sequence[str]) -> None:

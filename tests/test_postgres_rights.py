@@ -84,6 +84,7 @@ def test_a_table_the_app_may_only_read_rotates_and_stays_read_only(world):
 
 def test_privileges_granted_to_the_app_user_itself_survive_the_rotation(world):
     box, app = world.box, sql.Identifier(world.box.app_user)
+    readers = sql.Identifier(f"{box.prefix}-readers")
     with as_admin(world) as conn:  # written by the app, owned by the admin
         conn.execute("CREATE TABLE public.audit_events (id bigserial PRIMARY KEY, what text)")
         conn.execute(
@@ -100,6 +101,11 @@ def test_privileges_granted_to_the_app_user_itself_survive_the_rotation(world):
         )
         conn.execute("REVOKE EXECUTE ON FUNCTION public.audit(text) FROM PUBLIC")
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION public.audit(text) TO {}").format(app))
+        # A shared role the app was made a member of.
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(readers))
+        conn.execute("CREATE TABLE public.rates (currency text, rate numeric)")
+        conn.execute(sql.SQL("GRANT SELECT ON public.rates TO {}").format(readers))
+        conn.execute(sql.SQL("GRANT {} TO {}").format(readers, app))
     engine = engine_for(world)
     final = drive(engine, engine.start("postgres", world.app, "staging", "alice").id)
     assert final.status == "done", statuses(final)
@@ -114,15 +120,19 @@ def test_privileges_granted_to_the_app_user_itself_survive_the_rotation(world):
         INSERT INTO public.audit_events (what) VALUES ('x');
         UPDATE public.audit_events SET what = 'y';
         SELECT public.audit('z');
-        UPDATE public.flags SET enabled = true
+        UPDATE public.flags SET enabled = true;
+        SELECT * FROM public.rates
     """,
     )
     with box.connect(new["username"], new["password"]) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE public.flags SET name = 'renamed'")  # only `enabled`, as before
     # In the owner role, so the next user has them too; the old user is gone.
+    owner_role = final.data["owner_role"]
+    assert f"GRANT {box.prefix}-readers TO {owner_role}" in final.step("convert").gate_summary
     with as_admin(world) as conn:
-        assert postgres_rights.grants_to_copy(conn, new["username"], final.data["owner_role"]) == []
+        assert postgres_rights.grants_to_copy(conn, new["username"], owner_role) == []
+        assert postgres_rights.roles_to_copy(conn, new["username"], owner_role) == []
     assert box.app_user not in world.users()
 
 
