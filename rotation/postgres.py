@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from rotation import appcreds, postgres_db, postgres_rights
+from rotation import appcreds, postgres_db, postgres_grants, postgres_rights
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Environment
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
@@ -162,7 +162,7 @@ def _preflight_env(ctx: Context, env: str) -> str:
             raise StepFailed(f"user {old} (from {t.secret} in {env}) does not exist on the server")
         report = postgres_db.preflight(conn, old, owner_role)
         rights = postgres_rights.rights(conn, old)
-        defaults = postgres_rights.default_privileges(conn, old)
+        defaults = postgres_grants.default_privileges(conn, old)
     ctx.data.setdefault("envs", {})[env] = {
         "old_username": old,
         "database": secret["dbname"],
@@ -250,7 +250,7 @@ def convert(ctx: Context, env: str | None = None) -> Outcome:
     before = _rights_before(ctx, env, old)
     with admin(ctx, env) as conn:
         report = postgres_db.preflight(conn, old, owner_role)
-        carry = postgres_rights.carry_over_plan(conn, old, owner_role, [owner_role])
+        carry = postgres_grants.carry_over_plan(conn, old, owner_role, [owner_role])
         has_role = owner_role in report.roles
         if not postgres_db.needs_conversion(report, old):
             if has_role and owner_role in report.roles.get(old, []) and not carry:
@@ -279,7 +279,7 @@ def convert(ctx: Context, env: str | None = None) -> Outcome:
             gate="convert",
         )
         changes = postgres_db.convert_to_owner_role(conn, old, owner_role)
-        changes += postgres_rights.carry_over(conn, old, owner_role, [owner_role])
+        changes += postgres_grants.carry_over(conn, old, owner_role, [owner_role])
         checked = "; " + postgres_rights.check_same(
             before, postgres_rights.rights(conn, old), old, f"{old} before the conversion"
         )
@@ -313,7 +313,7 @@ def create_user(ctx: Context, env: str | None = None) -> Outcome:
         _verify_membership(conn, new, owner_role, env)
         # Later migrations run as the new user: what it creates gets what the old user's did.
         old = _state(ctx, env)["old_username"]
-        defaults = postgres_rights.copy_default_privileges(conn, old, new)
+        defaults = postgres_grants.copy_default_privileges(conn, old, new)
     staged = "password staged as AWSPENDING" if env == ctx.env else f"same password as {ctx.env}"
     kept = f"; {'; '.join(defaults)}" if defaults else ""
     return Done(f"{env}: created {new}, a member of {owner_role} (pg_auth_members); {staged}{kept}")
@@ -460,7 +460,7 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
         if env == ctx.env and _copies(ctx) and not _compromised(ctx.params):
             carried = f"; the next restore carries this to {', '.join(_copies(ctx))}"
         heirs = [owner_role, new]
-        kept = postgres_rights.retire_preview(conn, old, owner_role, heirs)
+        kept = postgres_grants.retire_preview(conn, old, owner_role, heirs)
         ctx.approve(
             f'Retire {old} in {env} ({database}): REASSIGN OWNED BY "{old}" TO '
             f'"{owner_role}", DROP OWNED BY "{old}", DROP USER "{old}". AWSCURRENT holds '
@@ -468,13 +468,13 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
             gate="retire",
             destructive=True,
         )
-        changes = postgres_rights.carry_over(conn, old, owner_role, heirs)
+        changes = postgres_grants.carry_over(conn, old, owner_role, heirs)
         changes += postgres_db.retire_user(
             conn,
             old,
             owner_role,
             database=database,
-            before_drop=partial(postgres_rights.check_kept, old=old, new=new, heirs=heirs),
+            before_drop=partial(postgres_grants.check_kept, old=old, new=new, heirs=heirs),
         )
     return Done(f"{env}: {'; '.join(changes) or f'{old} is already gone'}")
 

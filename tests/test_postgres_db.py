@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from rotation import postgres_db as pg
+from rotation import postgres_grants as grants
 from rotation import postgres_rights as rights
 from rotation.errors import DatabaseError, InvalidIdentifier, StepFailed
 from rotation.redact import MASK, redact
@@ -420,13 +421,13 @@ def test_a_table_the_app_may_only_read_stays_read_only_and_passes_the_probe(
     assert before["table public.spatial_ref_sys"] == "r"
 
     pg.convert_to_owner_role(admin, box.app_user, owner)
-    assert rights.carry_over_plan(admin, box.app_user, owner, [owner]) == [
+    assert grants.carry_over_plan(admin, box.app_user, owner, [owner]) == [
         f"GRANT SELECT ON TABLE public.countries TO {owner}"
     ]
-    assert rights.carry_over(admin, box.app_user, owner, [owner]) == [
+    assert grants.carry_over(admin, box.app_user, owner, [owner]) == [
         f"granted SELECT ON TABLE public.countries to {owner} (held by {box.app_user} directly)"
     ]
-    assert rights.carry_over(admin, box.app_user, owner, [owner]) == []  # idempotent
+    assert grants.carry_over(admin, box.app_user, owner, [owner]) == []  # idempotent
     name, secret = pg.new_user_name(admin, box.app_user, DAY), password()
     pg.create_login_user(admin, name, secret, owner)
 
@@ -458,7 +459,7 @@ def test_the_probe_names_what_the_new_user_may_not_do_and_a_grant_the_admin_cann
         StepFailed,
         match=f"could not grant SELECT ON TABLE public.audit_log to {owner}: the admin may not",
     ):
-        rights.copy_grants(admin, box.app_user, owner)
+        grants.copy_grants(admin, box.app_user, owner)
     name, secret = pg.new_user_name(admin, box.app_user, DAY), password()
     pg.create_login_user(admin, name, secret, owner)
     with pytest.raises(
@@ -485,7 +486,7 @@ def test_default_privileges_of_the_old_user_are_kept_for_the_owner_role_and_the_
                 "ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC"
             ).format(app)
         )
-    assert rights.default_privileges(admin, box.app_user) == [
+    assert grants.default_privileges(admin, box.app_user) == [
         f"FOR ROLE {box.app_user} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC",
         f"FOR ROLE {box.app_user} IN SCHEMA public GRANT SELECT ON TABLES TO {reporting}",
     ]
@@ -493,18 +494,18 @@ def test_default_privileges_of_the_old_user_are_kept_for_the_owner_role_and_the_
     user1, secret1 = rotate(box, admin, box.app_user)
 
     # Without the carry-over, the retirement refuses before DROP OWNED and changes nothing.
-    keep = partial(rights.check_kept, old=box.app_user, new=user1, heirs=[owner, user1])
+    keep = partial(grants.check_kept, old=box.app_user, new=user1, heirs=[owner, user1])
     with pytest.raises(StepFailed, match=f"DROP OWNED BY {box.app_user} would drop default"):
         pg.retire_user(admin, box.app_user, owner, database=box.database, before_drop=keep)
     assert pg.role_exists(admin, box.app_user)
-    assert len(rights.default_privileges(admin, box.app_user)) == 2
+    assert len(grants.default_privileges(admin, box.app_user)) == 2
 
-    changes = rights.carry_over(admin, box.app_user, owner, [owner, user1])
+    changes = grants.carry_over(admin, box.app_user, owner, [owner, user1])
     assert (
         f"default privileges: FOR ROLE {user1} IN SCHEMA public GRANT SELECT ON TABLES TO "
         f"{reporting} (as {box.app_user} had)" in changes
     )
-    assert rights.carry_over(admin, box.app_user, owner, [owner, user1]) == []
+    assert grants.carry_over(admin, box.app_user, owner, [owner, user1]) == []
     pg.retire_user(admin, box.app_user, owner, database=box.database, before_drop=keep)
     assert not pg.role_exists(admin, box.app_user)
 
@@ -524,6 +525,45 @@ def test_default_privileges_of_the_old_user_are_kept_for_the_owner_role_and_the_
         conn.execute("SELECT * FROM public.made_later_by_owner")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT public.later_fn()")
+
+
+def test_default_privileges_other_roles_give_the_old_user_are_given_to_the_owner_role(
+    box: PostgresSandbox, admin: psycopg.Connection
+) -> None:
+    app, owner = sql.Identifier(box.app_user), owner_role(box)
+    # The admin's lookup tables: each new one readable by the app.
+    admin.execute(
+        sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {}").format(
+            app
+        )
+    )
+    user1, secret1 = rotate(box, admin, box.app_user)
+    assert [c.describe() for c in grants.default_grants_to_copy(admin, box.app_user, owner)] == [
+        f"FOR ROLE {box.admin_user} IN SCHEMA public GRANT SELECT ON TABLES TO {owner}"
+    ]
+    grants.carry_over(admin, box.app_user, owner, [owner, user1])
+    assert grants.default_grants_to_copy(admin, box.app_user, owner) == []
+    keep = partial(grants.check_kept, old=box.app_user, new=user1, heirs=[owner, user1])
+    pg.retire_user(admin, box.app_user, owner, database=box.database, before_drop=keep)
+
+    admin.execute("CREATE TABLE public.currencies (code text)")
+    with box.connect(user1, secret1) as conn:
+        conn.execute("SELECT * FROM public.currencies")
+
+    # The superuser's default privileges: the admin may not change them, and says what to run.
+    with box.root(database=box.database) as root:
+        root.execute(
+            sql.SQL("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {}").format(
+                sql.Identifier(user1)
+            )
+        )
+    with pytest.raises(
+        StepFailed,
+        match=f"the admin is not {box.root_user}, so it cannot run ALTER DEFAULT PRIVILEGES "
+        f"FOR ROLE {box.root_user} GRANT SELECT ON TABLES TO {owner}; run that as "
+        f"{box.root_user}, then retry",
+    ):
+        grants.carry_over(admin, user1, owner, [owner])
 
 
 # -- connections and retiring -----------------------------------------------------------

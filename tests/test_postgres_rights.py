@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from rotation import postgres_rights
+from rotation import postgres_grants
 from tests.rig import ContinuityProbe, Rig, drive, point_at, rig
 from tests.servers import password
 from tests.test_postgres_rotation import APP_SCHEMA, MIGRATION, at, engine_for, execute, statuses
@@ -131,8 +131,8 @@ def test_privileges_granted_to_the_app_user_itself_survive_the_rotation(world):
     owner_role = final.data["owner_role"]
     assert f"GRANT {box.prefix}-readers TO {owner_role}" in final.step("convert").gate_summary
     with as_admin(world) as conn:
-        assert postgres_rights.grants_to_copy(conn, new["username"], owner_role) == []
-        assert postgres_rights.roles_to_copy(conn, new["username"], owner_role) == []
+        assert postgres_grants.grants_to_copy(conn, new["username"], owner_role) == []
+        assert postgres_grants.roles_to_copy(conn, new["username"], owner_role) == []
     assert box.app_user not in world.users()
 
 
