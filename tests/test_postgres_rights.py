@@ -15,7 +15,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from rotation import postgres_grants
+from rotation import postgres_grants, postgres_rights
+from rotation.errors import StepFailed
 from tests.rig import ContinuityProbe, Rig, drive, point_at, rig
 from tests.servers import password
 from tests.test_postgres_rotation import APP_SCHEMA, MIGRATION, at, engine_for, execute, statuses
@@ -189,3 +190,27 @@ def test_another_role_reads_a_table_a_migration_creates_after_the_rotation(world
     execute(world, latest["username"], latest["password"], "CREATE TABLE public.returns (id int)")
     with box.connect(reporting, reporting_secret) as conn:
         conn.execute("SELECT count(*) FROM public.returns")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "outcome"),
+    [
+        ({"table public.t": "r"}, {"table public.t": "r"}, "same rights as old on 1 objects"),
+        (
+            {"table public.t": "r", "table public.gone": "r"},
+            {"table public.t": "rO", "table public.made_since": "arwd"},
+            "same rights as old on 1 objects; more on 1: table public.t (also owner's rights)",
+        ),
+        (
+            {"table public.t": "arwd", "sequence public.s": "Urw"},
+            {"table public.t": "r", "sequence public.s": "Urw"},
+            "new has fewer rights than old had on 1 of 2 objects: "
+            "table public.t (no INSERT, UPDATE, DELETE)",
+        ),
+    ],
+)
+def test_rights_compare_the_same_objects_fewer_fail_and_more_are_reported(before, after, outcome):
+    try:
+        assert postgres_rights.check_same(before, after, "new", "old") == outcome
+    except StepFailed as exc:
+        assert str(exc) == outcome
