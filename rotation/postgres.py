@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from rotation import appcreds, postgres_db
+from rotation import appcreds, postgres_db, postgres_grants, postgres_rights
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Environment
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
@@ -161,7 +161,13 @@ def _preflight_env(ctx: Context, env: str) -> str:
         if not postgres_db.role_exists(conn, old):
             raise StepFailed(f"user {old} (from {t.secret} in {env}) does not exist on the server")
         report = postgres_db.preflight(conn, old, owner_role)
-    ctx.data.setdefault("envs", {})[env] = {"old_username": old, "database": secret["dbname"]}
+        rights = postgres_rights.rights(conn, old)
+        defaults = postgres_grants.default_privileges(conn, old)
+    ctx.data.setdefault("envs", {})[env] = {
+        "old_username": old,
+        "database": secret["dbname"],
+        "rights": rights,  # what the app may do now; the new user must be able to do the same
+    }
     if env == ctx.env:
         ctx.data["old_username"] = old
     for obj in report.objects:
@@ -186,8 +192,22 @@ def _preflight_env(ctx: Context, env: str) -> str:
         more = f" and {len(report.direct_grants) - 3} more" if len(report.direct_grants) > 3 else ""
         found += (
             f"; {old} holds {_plural(len(report.direct_grants), 'privilege')} directly "
-            f"({shown}{more}), which a new user does not inherit"
+            f"({shown}{more}), which a new user does not inherit: Rotor copies them to "
+            f"{owner_role}"
         )
+    if defaults:
+        found += (
+            f"; default privileges for what {old} creates ({postgres_rights.shorten(defaults, 3)})"
+            f", which DROP OWNED would lose: Rotor re-creates them for {owner_role} and the new "
+            "user"
+        )
+    read_only = [
+        o
+        for o, r in rights.items()
+        if o.startswith("table ") and "r" in r and not {*"awdiu"} & {*r}
+    ]
+    if read_only:
+        found += f"; {old} may only read {_plural(len(read_only), 'table')}, and keeps only that"
     return found
 
 
@@ -207,17 +227,33 @@ def _preflight_copy(ctx: Context, copy: str) -> str:
     )
 
 
+def _rights_before(ctx: Context, env: str, old: str) -> dict[str, str]:
+    """What the app user could do at preflight (read now if preflight ran before Rotor kept
+    it: a rotation started by an older Rotor)."""
+    kept = _state(ctx, env).get("rights")
+    if kept is not None:
+        return dict(kept)
+    with admin(ctx, env) as conn:
+        return postgres_rights.rights(conn, old)
+
+
 def convert(ctx: Context, env: str | None = None) -> Outcome:
     """Runbook: "Make sure Database and Object owners are set to an owner role" ("Convert
-    Postgres to use Owner Roles"), then check the app still reads and writes."""
+    Postgres to use Owner Roles"), then check the app may still do what it could before.
+
+    What the app user holds directly (a grant on a lookup table) is copied to the owner role,
+    and its default privileges are re-created for the owner role, so every later user has
+    them too."""
     env = _env(ctx, env)
     old, database = _state(ctx, env)["old_username"], _state(ctx, env)["database"]
     owner_role = ctx.data["owner_role"]
+    before = _rights_before(ctx, env, old)
     with admin(ctx, env) as conn:
         report = postgres_db.preflight(conn, old, owner_role)
+        carry = postgres_grants.carry_over_plan(conn, old, owner_role, [owner_role])
         has_role = owner_role in report.roles
         if not postgres_db.needs_conversion(report, old):
-            if has_role and owner_role in report.roles.get(old, []):
+            if has_role and owner_role in report.roles.get(old, []) and not carry:
                 return Skipped(
                     f"{env}: already converted; {owner_role} owns the objects and {old} is a member"
                 )
@@ -229,17 +265,29 @@ def convert(ctx: Context, env: str | None = None) -> Outcome:
                 )
         owned = [o for o in report.objects if o.owner == old]
         what = _kinds(owned) or "no objects"
+        also = ""
+        if carry:
+            also = (
+                f"; give {owner_role} what {old} holds directly and re-create the default "
+                f"privileges {old} defined, so the new user keeps them: "
+                f"{postgres_rights.shorten(carry, 10)}"
+            )
         ctx.approve(
             f"Convert {database} in {env} to an owner role: create {owner_role} NOLOGIN if it is "
             f"missing, give it what {old} owns ({what}), and grant it to {old} so the app keeps "
-            "working",
+            f"working{also}",
             gate="convert",
         )
         changes = postgres_db.convert_to_owner_role(conn, old, owner_role)
+        changes += postgres_grants.carry_over(conn, old, owner_role, [owner_role])
+        checked = "; " + postgres_rights.check_same(
+            before, postgres_rights.rights(conn, old), old, f"{old} before the conversion"
+        )
     secret = appcreds.app_secret(ctx, env=env)
-    checked = ""
     if secret["username"] == old:
-        summary = postgres_db.probe_read_write(_endpoint(ctx, old, secret["password"], env))
+        summary = postgres_rights.probe(
+            _endpoint(ctx, old, secret["password"], env), before, f"{old} before the conversion"
+        )
         checked = f"; {old} still works: {summary}"
     return Done(f"{env}: {'; '.join(changes) or 'nothing left to change'}{checked}")
 
@@ -263,16 +311,23 @@ def create_user(ctx: Context, env: str | None = None) -> Outcome:
             pending = appcreds.pending_secret(ctx)
         postgres_db.create_login_user(conn, new, pending["password"], owner_role)
         _verify_membership(conn, new, owner_role, env)
+        # Later migrations run as the new user: what it creates gets what the old user's did.
+        old = _state(ctx, env)["old_username"]
+        defaults = postgres_grants.copy_default_privileges(conn, old, new)
     staged = "password staged as AWSPENDING" if env == ctx.env else f"same password as {ctx.env}"
-    return Done(f"{env}: created {new}, a member of {owner_role} (pg_auth_members); {staged}")
+    kept = f"; {'; '.join(defaults)}" if defaults else ""
+    return Done(f"{env}: created {new}, a member of {owner_role} (pg_auth_members); {staged}{kept}")
 
 
 def test_login(ctx: Context, env: str | None = None) -> Outcome:
-    """Log in as the new user with the AWSPENDING password and read and write every table."""
+    """Log in as the new user with the AWSPENDING password, check it may do what the old user
+    could at preflight (no less; more is reported), and use those rights on every table."""
     env = _env(ctx, env)
+    old = _state(ctx, env)["old_username"]
     pending = appcreds.pending_secret(ctx)
-    summary = postgres_db.probe_read_write(
-        _endpoint(ctx, pending["username"], pending["password"], env)
+    before = _rights_before(ctx, env, old)
+    summary = postgres_rights.probe(
+        _endpoint(ctx, pending["username"], pending["password"], env), before, old
     )
     return Done(f"{env}: logged in as {pending['username']}: {summary}")
 
@@ -337,10 +392,14 @@ def await_restore(ctx: Context, env: str) -> Outcome:
     when = _local(due, environment.timezone)
     if now < due:
         return Wait(f"the restore of {env} from {ctx.env} due at {when}", timeout, check_at=due)
+    old = _state(ctx, env)["old_username"]
     with admin(ctx, env) as conn:
         present = postgres_db.role_exists(conn, new)
         if present:
             _verify_membership(conn, new, ctx.data["owner_role"], env)
+        # The restore brought the old user too: the new one must be able to do what it can.
+        exists = postgres_db.role_exists(conn, old)
+        before = postgres_rights.rights(conn, old) if present and exists else {}
     if not present:
         if now > deadline:
             raise StepFailed(
@@ -353,7 +412,7 @@ def await_restore(ctx: Context, env: str) -> Outcome:
             f"{new} to appear in {env}: the restore due at {when} has not brought it yet", timeout
         )
     source = appcreds.app_secret(ctx)
-    summary = postgres_db.probe_read_write(_endpoint(ctx, new, source["password"], env))
+    summary = postgres_rights.probe(_endpoint(ctx, new, source["password"], env), before, old)
     return Done(f"{env} has {new} since the restore due at {when}; {summary}")
 
 
@@ -400,14 +459,23 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
         carried = ""
         if env == ctx.env and _copies(ctx) and not _compromised(ctx.params):
             carried = f"; the next restore carries this to {', '.join(_copies(ctx))}"
+        heirs = [owner_role, new]
+        kept = postgres_grants.retire_preview(conn, old, owner_role, heirs)
         ctx.approve(
             f'Retire {old} in {env} ({database}): REASSIGN OWNED BY "{old}" TO '
             f'"{owner_role}", DROP OWNED BY "{old}", DROP USER "{old}". AWSCURRENT holds '
-            f"{new}, which logs in{carried}",
+            f"{new}, which logs in{carried}{kept}",
             gate="retire",
             destructive=True,
         )
-        changes = postgres_db.retire_user(conn, old, owner_role, database=database)
+        changes = postgres_grants.carry_over(conn, old, owner_role, heirs)
+        changes += postgres_db.retire_user(
+            conn,
+            old,
+            owner_role,
+            database=database,
+            before_drop=partial(postgres_grants.check_kept, old=old, new=new, heirs=heirs),
+        )
     return Done(f"{env}: {'; '.join(changes) or f'{old} is already gone'}")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -41,7 +41,6 @@ Connection: TypeAlias = "psycopg.Connection[Any]"
 _SSLMODE: dict[str, str] = {"disabled": "disable", "required": "require", "verify": "verify-full"}
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_NAME_BYTES = 63  # NAMEDATALEN - 1; PostgreSQL silently truncates longer identifiers
-_PROBE_TIMEOUT = "5s"
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,9 @@ def _errors(step: str, *, secret: bool = False) -> Iterator[None]:
         raise error from exc
 
 
-def _rows(conn: Connection, query: Any, params: Sequence[Any] | None = None) -> list[TupleRow]:
+def _rows(
+    conn: Connection, query: Any, params: Sequence[Any] | Mapping[str, Any] | None = None
+) -> list[TupleRow]:
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(query, params)
         return cur.fetchall()
@@ -480,94 +481,6 @@ def convert_to_owner_role(conn: Connection, app_user: str, owner_role: str) -> l
     return changes
 
 
-# -- probing ----------------------------------------------------------------------------
-
-_TABLES_QUERY = """
-    SELECT n.nspname, c.relname,
-           has_schema_privilege(n.oid, 'USAGE'),
-           has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
-           has_table_privilege(c.oid, 'UPDATE'), has_table_privilege(c.oid, 'DELETE'),
-           array(SELECT a.attname::text FROM pg_attribute a
-                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                   AND a.attgenerated = '' ORDER BY a.attnum),
-           (SELECT a.attname::text FROM pg_attribute a
-            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-              AND a.attgenerated = '' AND a.attidentity = '' ORDER BY a.attnum LIMIT 1)
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind IN ('r', 'p')
-      AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
-      AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
-                      AND e.objid = c.oid AND e.deptype = 'e')
-    ORDER BY 1, 2
-"""
-
-
-def probe_read_write(ep: Endpoint) -> str:
-    """Runbook "test the new credentials": log in as ep.user and prove it can read and write
-    every table without changing data (zero-row writes in a transaction that is rolled back).
-
-    Statement-level triggers still fire for zero-row writes; their effects roll back too.
-    """
-    step = "probe_read_write"
-    with connect(ep) as conn:
-        with _errors(f"{step} as {ep.describe()}"):
-            tables = _rows(conn, _TABLES_QUERY)
-        lacking = []
-        for schema, table, usage, *privs, _cols, _col in tables:
-            missing = [
-                p
-                for p, ok in zip(("SELECT", "INSERT", "UPDATE", "DELETE"), privs, strict=True)
-                if not ok
-            ]
-            if not usage:
-                missing.insert(0, "schema USAGE")
-            if missing:
-                lacking.append(f"{schema}.{table} (no {', '.join(missing)})")
-        if lacking:
-            shown = ", ".join(lacking[:5]) + (
-                f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
-            )
-            raise DatabaseError(
-                f"{step}: {ep.user} cannot read/write {len(lacking)} of "
-                f"{len(tables)} tables: {shown}"
-            )
-        with conn.transaction(force_rollback=True):
-            conn.execute(
-                sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(_PROBE_TIMEOUT))
-            )
-            for schema, table, *_privs, cols, update_col in tables:
-                try:
-                    for statement in _probe_statements(
-                        sql.Identifier(schema, table), cols, update_col
-                    ):
-                        conn.execute(statement)
-                except psycopg.Error as exc:
-                    raise DatabaseError(
-                        f"{step}: {ep.user} failed on table {schema}.{table}: {_reason(exc)}"
-                    ) from exc
-    summary = f"read/write OK on {len(tables)} tables"
-    log.info("%s: %s as %s", step, summary, ep.describe())
-    return summary
-
-
-def _probe_statements(
-    table: sql.Identifier, cols: list[str], update_col: str | None
-) -> list[sql.Composed]:
-    statements = [sql.SQL("SELECT 1 FROM {} LIMIT 1").format(table)]
-    if update_col:
-        col = sql.Identifier(update_col)
-        statements.append(sql.SQL("UPDATE {} SET {} = {} WHERE false").format(table, col, col))
-    if cols:
-        names = sql.SQL(", ").join(map(sql.Identifier, cols))
-        statements.append(
-            sql.SQL(
-                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE false"
-            ).format(table, names, names, table)
-        )
-    statements.append(sql.SQL("DELETE FROM {} WHERE false").format(table))
-    return statements
-
-
 # -- new users --------------------------------------------------------------------------
 
 
@@ -695,12 +608,21 @@ def _user_connections(conn: Connection, user: str) -> list[tuple[str, int]]:
     return [(app, n) for u, app, n in connections(conn) if u == user]
 
 
-def retire_user(conn: Connection, old_user: str, owner_role: str, *, database: str) -> list[str]:
+def retire_user(
+    conn: Connection,
+    old_user: str,
+    owner_role: str,
+    *,
+    database: str,
+    before_drop: Callable[[Connection], None] | None = None,
+) -> list[str]:
     """Runbook "Retiring old credentials": REASSIGN OWNED, DROP OWNED, DROP USER.
 
     `conn` must be the admin's connection to `database`. Refuses, changing nothing, when the
     old user has connections, owns or holds anything in another database, or is the last
-    login role of the owner role. Returns what changed ([] when the user is already gone).
+    login role of the owner role. `before_drop` runs after REASSIGN OWNED, right before DROP
+    OWNED, in the same transaction: it raises to refuse (nothing changes then). Returns what
+    changed ([] when the user is already gone).
     """
     step = "retire_user"
     old_ident, owner_ident = _role(old_user), _role(owner_role)
@@ -752,6 +674,8 @@ def retire_user(conn: Connection, old_user: str, owner_role: str, *, database: s
                 changes.append(f"database {database} now owned by {owner_role}")
             if owned:
                 changes.append(f"reassigned {owned} objects from {old_user} to {owner_role}")
+            if before_drop is not None:
+                before_drop(conn)
             conn.execute(sql.SQL("DROP OWNED BY {}").format(old_ident))
             # A session may have started since the check; dropping under it would leave a
             # user-less session behind, so check again at the last moment.

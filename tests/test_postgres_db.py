@@ -7,12 +7,15 @@ import hashlib
 import hmac
 from collections.abc import Iterator
 from datetime import date
+from functools import partial
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from rotation import postgres_db as pg
+from rotation import postgres_grants as grants
+from rotation import postgres_rights as rights
 from rotation.errors import DatabaseError, InvalidIdentifier, StepFailed
 from rotation.redact import MASK, redact
 from tests.servers import PostgresSandbox, password
@@ -117,11 +120,14 @@ def admin(box: PostgresSandbox) -> Iterator[psycopg.Connection]:
 def rotate(box: PostgresSandbox, admin: psycopg.Connection, current_user: str) -> tuple[str, str]:
     """One rotation's database steps: convert for the current user, create and probe a new one."""
     owner = owner_role(box)
+    before = rights.rights(admin, current_user)
     if pg.needs_conversion(pg.preflight(admin, current_user, owner), current_user):
         pg.convert_to_owner_role(admin, current_user, owner)
     name, secret = pg.new_user_name(admin, box.app_user, DAY), password()
     pg.create_login_user(admin, name, secret, owner)
-    assert pg.probe_read_write(endpoint(box, name, secret)).startswith("read/write OK")
+    assert rights.probe(endpoint(box, name, secret), before, current_user).startswith(
+        "read/write OK"
+    )
     return name, secret
 
 
@@ -243,6 +249,7 @@ def test_conversion_gives_everything_to_the_owner_role_once(
     box: PostgresSandbox, admin: psycopg.Connection
 ) -> None:
     owner = owner_role(box)
+    before = rights.rights(admin, box.app_user)
     changes = pg.convert_to_owner_role(admin, box.app_user, owner)
 
     assert changes == [
@@ -265,7 +272,9 @@ def test_conversion_gives_everything_to_the_owner_role_once(
 
     # The app carries on: reads, writes, creates tables in public (PG15: via pg_database_owner).
     app = endpoint(box, box.app_user, box.app_password)
-    assert pg.probe_read_write(app) == "read/write OK on 2 tables"
+    assert rights.probe(app, before, "before") == (
+        f"read/write OK on 2 tables; same rights as before on {len(before)} objects"
+    )
     as_user(
         box,
         box.app_user,
@@ -345,6 +354,7 @@ def test_new_user_inherits_the_owner_role_and_reads_and_writes(
     box: PostgresSandbox, admin: psycopg.Connection
 ) -> None:
     owner = owner_role(box)
+    before = rights.rights(admin, box.app_user)
     pg.convert_to_owner_role(admin, box.app_user, owner)
     name, first, second = pg.new_user_name(admin, box.app_user, DAY), password(), password()
 
@@ -352,7 +362,9 @@ def test_new_user_inherits_the_owner_role_and_reads_and_writes(
     pg.create_login_user(admin, name, second, owner)  # a retry after a crash: new password wins
 
     assert pg.memberships(admin, name) == {owner}
-    assert pg.probe_read_write(endpoint(box, name, second)) == "read/write OK on 2 tables"
+    assert rights.probe(endpoint(box, name, second), before, box.app_user).startswith(
+        "read/write OK on 2 tables; same rights as"
+    )
     as_user(
         box,
         name,
@@ -373,18 +385,185 @@ def test_new_user_inherits_the_owner_role_and_reads_and_writes(
     assert pg.new_user_name(admin, box.app_user, DAY) == f"{name}-2"
 
 
-def test_probe_names_the_table_the_user_cannot_write(box: PostgresSandbox) -> None:
-    with box.root(database=box.database) as root:
+def _reporting(box: PostgresSandbox) -> tuple[str, str]:
+    """A reporting role that logs in, as analytics teams have."""
+    name, secret = f"{box.prefix}-reporting", password()
+    with box.root() as root:
+        root.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(secret)
+            )
+        )
+    return name, secret
+
+
+def _lookup_tables(box: PostgresSandbox) -> None:
+    """What a real database holds beside the app's tables: a lookup table the admin owns and
+    the app may only read (granted to it directly), and PostGIS's spatial_ref_sys, readable by
+    PUBLIC."""
+    with pg.connect(endpoint(box)) as conn:
+        conn.execute("CREATE TABLE public.countries (code text PRIMARY KEY)")
+        conn.execute("INSERT INTO public.countries VALUES ('GB')")
+        conn.execute(
+            sql.SQL("GRANT SELECT ON public.countries TO {}").format(sql.Identifier(box.app_user))
+        )
+        conn.execute("CREATE TABLE public.spatial_ref_sys (srid int PRIMARY KEY, srtext text)")
+        conn.execute("GRANT SELECT ON public.spatial_ref_sys TO PUBLIC")
+
+
+def test_a_table_the_app_may_only_read_stays_read_only_and_passes_the_probe(
+    box: PostgresSandbox, admin: psycopg.Connection
+) -> None:
+    _lookup_tables(box)
+    owner = owner_role(box)
+    before = rights.rights(admin, box.app_user)
+    assert before["table public.countries"] == "r"
+    assert before["table public.spatial_ref_sys"] == "r"
+
+    pg.convert_to_owner_role(admin, box.app_user, owner)
+    assert grants.carry_over_plan(admin, box.app_user, owner, [owner]) == [
+        f"GRANT SELECT ON TABLE public.countries TO {owner}"
+    ]
+    assert grants.carry_over(admin, box.app_user, owner, [owner]) == [
+        f"granted SELECT ON TABLE public.countries to {owner} (held by {box.app_user} directly)"
+    ]
+    assert grants.carry_over(admin, box.app_user, owner, [owner]) == []  # idempotent
+    name, secret = pg.new_user_name(admin, box.app_user, DAY), password()
+    pg.create_login_user(admin, name, secret, owner)
+
+    summary = rights.probe(endpoint(box, name, secret), before, box.app_user)
+    assert summary == (
+        f"read/write OK on 2 tables, read-only on 2; same rights as {box.app_user} "
+        f"on {len(before)} objects"
+    )
+    with box.connect(name, secret) as conn:
+        assert conn.execute("SELECT code FROM public.countries").fetchall() == [("GB",)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO public.countries VALUES ('FR')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM public.spatial_ref_sys")
+
+
+def test_the_probe_names_what_the_new_user_may_not_do_and_a_grant_the_admin_cannot_copy(
+    box: PostgresSandbox, admin: psycopg.Connection
+) -> None:
+    with box.root(database=box.database) as root:  # the superuser's: the admin cannot grant it
         root.execute("CREATE TABLE public.audit_log (id int)")
         root.execute(
             sql.SQL("GRANT SELECT ON public.audit_log TO {}").format(sql.Identifier(box.app_user))
         )
+    owner = owner_role(box)
+    before = rights.rights(admin, box.app_user)
+    pg.convert_to_owner_role(admin, box.app_user, owner)
     with pytest.raises(
-        DatabaseError,
-        match=r"cannot read/write 1 of 3 tables: "
-        r"public\.audit_log \(no INSERT, UPDATE, DELETE\)",
+        StepFailed,
+        match=f"could not grant SELECT ON TABLE public.audit_log to {owner}: the admin may not",
     ):
-        pg.probe_read_write(endpoint(box, box.app_user, box.app_password))
+        grants.copy_grants(admin, box.app_user, owner)
+    name, secret = pg.new_user_name(admin, box.app_user, DAY), password()
+    pg.create_login_user(admin, name, secret, owner)
+    with pytest.raises(
+        StepFailed,
+        match=rf"{name} has fewer rights than {box.app_user} had on 1 of {len(before)} objects: "
+        r"table public\.audit_log \(no SELECT\)$",
+    ):
+        rights.probe(endpoint(box, name, secret), before, box.app_user)
+
+
+def test_default_privileges_of_the_old_user_are_kept_for_the_owner_role_and_the_new_user(
+    box: PostgresSandbox, admin: psycopg.Connection
+) -> None:
+    reporting, reporting_secret = _reporting(box)
+    app = sql.Identifier(box.app_user)
+    with box.root(database=box.database) as root:
+        root.execute(
+            sql.SQL(
+                "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public GRANT SELECT ON TABLES TO {}"
+            ).format(app, sql.Identifier(reporting))
+        )
+        root.execute(
+            sql.SQL(
+                "ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC"
+            ).format(app)
+        )
+    assert grants.default_privileges(admin, box.app_user) == [
+        f"FOR ROLE {box.app_user} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC",
+        f"FOR ROLE {box.app_user} IN SCHEMA public GRANT SELECT ON TABLES TO {reporting}",
+    ]
+    owner = owner_role(box)
+    user1, secret1 = rotate(box, admin, box.app_user)
+
+    # Without the carry-over, the retirement refuses before DROP OWNED and changes nothing.
+    keep = partial(grants.check_kept, old=box.app_user, new=user1, heirs=[owner, user1])
+    with pytest.raises(StepFailed, match=f"DROP OWNED BY {box.app_user} would drop default"):
+        pg.retire_user(admin, box.app_user, owner, database=box.database, before_drop=keep)
+    assert pg.role_exists(admin, box.app_user)
+    assert len(grants.default_privileges(admin, box.app_user)) == 2
+
+    changes = grants.carry_over(admin, box.app_user, owner, [owner, user1])
+    assert (
+        f"default privileges: FOR ROLE {user1} IN SCHEMA public GRANT SELECT ON TABLES TO "
+        f"{reporting} (as {box.app_user} had)" in changes
+    )
+    assert grants.carry_over(admin, box.app_user, owner, [owner, user1]) == []
+    pg.retire_user(admin, box.app_user, owner, database=box.database, before_drop=keep)
+    assert not pg.role_exists(admin, box.app_user)
+
+    # Later migrations, as the new user and as the owner role: reporting reads both tables,
+    # and PUBLIC still may not run new functions.
+    as_user(
+        box,
+        user1,
+        secret1,
+        f"""CREATE TABLE public.made_later (id int);
+        CREATE FUNCTION public.later_fn() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;
+        SET ROLE "{owner}";
+        CREATE TABLE public.made_later_by_owner (id int)""",
+    )
+    with box.connect(reporting, reporting_secret) as conn:
+        conn.execute("SELECT * FROM public.made_later")
+        conn.execute("SELECT * FROM public.made_later_by_owner")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT public.later_fn()")
+
+
+def test_default_privileges_other_roles_give_the_old_user_are_given_to_the_owner_role(
+    box: PostgresSandbox, admin: psycopg.Connection
+) -> None:
+    app, owner = sql.Identifier(box.app_user), owner_role(box)
+    # The admin's lookup tables: each new one readable by the app.
+    admin.execute(
+        sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {}").format(
+            app
+        )
+    )
+    user1, secret1 = rotate(box, admin, box.app_user)
+    assert [c.describe() for c in grants.default_grants_to_copy(admin, box.app_user, owner)] == [
+        f"FOR ROLE {box.admin_user} IN SCHEMA public GRANT SELECT ON TABLES TO {owner}"
+    ]
+    grants.carry_over(admin, box.app_user, owner, [owner, user1])
+    assert grants.default_grants_to_copy(admin, box.app_user, owner) == []
+    keep = partial(grants.check_kept, old=box.app_user, new=user1, heirs=[owner, user1])
+    pg.retire_user(admin, box.app_user, owner, database=box.database, before_drop=keep)
+
+    admin.execute("CREATE TABLE public.currencies (code text)")
+    with box.connect(user1, secret1) as conn:
+        conn.execute("SELECT * FROM public.currencies")
+
+    # The superuser's default privileges: the admin may not change them, and says what to run.
+    with box.root(database=box.database) as root:
+        root.execute(
+            sql.SQL("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {}").format(
+                sql.Identifier(user1)
+            )
+        )
+    with pytest.raises(
+        StepFailed,
+        match=f"the admin is not {box.root_user}, so it cannot run ALTER DEFAULT PRIVILEGES "
+        f"FOR ROLE {box.root_user} GRANT SELECT ON TABLES TO {owner}; run that as "
+        f"{box.root_user}, then retry",
+    ):
+        grants.carry_over(admin, user1, owner, [owner])
 
 
 # -- connections and retiring -----------------------------------------------------------
@@ -443,6 +622,7 @@ def test_two_rotations_back_to_back_and_retiring_each_old_user(
     assert user2 == f"{user1}-2"
     assert owner_of(admin, "public.made_by_user1") == owner
     as_user(box, user1, secret1, "CREATE TABLE public.late_user1 (id int)")
+    before = rights.rights(admin, user1)
 
     assert pg.retire_user(admin, user1, owner, database=box.database) == [
         f"reassigned 1 objects from {user1} to {owner}",
@@ -450,7 +630,9 @@ def test_two_rotations_back_to_back_and_retiring_each_old_user(
     ]
     assert not pg.role_exists(admin, user1)
     assert owner_of(admin, "public.late_user1") == owner
-    assert pg.probe_read_write(endpoint(box, user2, secret2)) == "read/write OK on 5 tables"
+    assert rights.probe(endpoint(box, user2, secret2), before, user1).startswith(
+        "read/write OK on 5 tables; same rights as"
+    )
 
 
 def test_retire_refuses_while_the_old_user_is_connected(
