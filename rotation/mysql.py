@@ -16,6 +16,7 @@ from rotation import appcreds, mysql_db
 from rotation.catalogue import Catalogue
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
 from rotation.errors import StepFailed, UnknownName
+from rotation.facts import Facts
 
 
 def _endpoint(ctx: Context, user: str, password: str, database: str | None = None,
@@ -136,10 +137,23 @@ def drain(ctx: Context) -> Outcome:
                         timeout=ctx.catalogue.waits.drain * 2)
         info = mysql_db.server_info(conn)
         how = "CALL mysql.rds_kill(id)" if info.has_rds_kill else "KILL id"
-        ctx.approve(f"Kill {len(ids)} connections of {old} still open after "
-                    f"{int(ctx.catalogue.waits.drain)}s ({how}); connections per user: "
-                    f"{per_user}", gate="kill", destructive=True)
-        killed = mysql_db.kill_connections(conn, ids, rds_kill=info.has_rds_kill)
+
+        def read() -> Facts:
+            # Each round of kills is its own decision, bound to these connection IDs.
+            return Facts({"user": old, "ids": mysql_db.connection_ids(conn, old)})
+
+        facts = ctx.act(
+            "kill", read,
+            lambda f: f"Kill {len(f.seen['ids'])} connections of {old} (IDs "
+                      f"{', '.join(map(str, f.seen['ids']))}) still open after "
+                      f"{int(ctx.catalogue.waits.drain)}s ({how}); connections per user: "
+                      f"{per_user}",
+            destructive=True)
+        if not facts.seen["ids"]:
+            return Done(f"the connections of {old} ended before they were killed")
+        # Only IDs that still belong to the old user, checked one by one just before KILL.
+        killed = mysql_db.kill_connections(conn, facts.seen["ids"], rds_kill=info.has_rds_kill,
+                                           user=old)
     ctx.log.info("killed %s connections of %s", killed, old)
     return Wait(f"killed connections of {old} to go", timeout=ctx.catalogue.waits.drain * 2)
 
@@ -148,13 +162,31 @@ def drop_old_user(ctx: Context) -> Outcome:
     """Runbook: "Deleting the old user", on every host it exists on."""
     old = ctx.data["old_username"]
     with admin(ctx) as conn:
-        hosts = mysql_db.user_hosts(conn, old)
+        if not mysql_db.user_hosts(conn, old):
+            return Done(f"{old} is already gone")
+
+        def read() -> Facts:
+            """Read now: the old user's accounts, its sessions, who the secret names, and
+            whether AWSCURRENT logs in."""
+            hosts = mysql_db.user_hosts(conn, old)
+            facts = appcreds.retire_facts(ctx, old, [f"{old}@{h}" for h in hosts],
+                                          len(mysql_db.connection_ids(conn, old)))
+            if facts.refused is None:
+                current = appcreds.app_secret(ctx)
+                endpoint = _endpoint(ctx, current["username"], current["password"])
+                if not mysql_db.can_login(endpoint):
+                    return Facts(facts.seen, f"refusing to drop {old}: AWSCURRENT's user "
+                                             f"{current['username']} does not log in")
+            return facts
+
+        facts = ctx.act(
+            "drop", read,
+            lambda f: f"DROP USER {', '.join(f.seen['accounts'])}; no sessions; "
+                      f"{appcreds.holders(f)}; AWSCURRENT logs in",
+            destructive=True)
+        hosts = [account.split("@", 1)[1] for account in facts.seen["accounts"]]
         if not hosts:
             return Done(f"{old} is already gone")
-        if mysql_db.connection_ids(conn, old):
-            raise StepFailed(f"{old} has connections again; it is still in use somewhere")
-        ctx.approve(f"DROP USER {old} on {', '.join(hosts)} (AWSCURRENT now holds "
-                    f"{ctx.data['new_username']}, which logs in)", gate="drop")
         mysql_db.drop_user(conn, old, hosts)
     return Done(f"dropped {old} on {', '.join(hosts)}")
 

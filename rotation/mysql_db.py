@@ -1018,16 +1018,32 @@ def connection_ids(conn: Connection, user: str) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
-def kill_connections(conn: Connection, ids: Sequence[int], *, rds_kill: bool) -> int:
+def _owner_of(conn: Connection, thread_id: int) -> str | None:
+    rows = _run(
+        conn,
+        "SELECT USER FROM information_schema.PROCESSLIST WHERE ID = %s",
+        (int(thread_id),),
+        what=f"looking up connection {int(thread_id)}",
+    )
+    return _text(rows[0][0]) if rows else None
+
+
+def kill_connections(
+    conn: Connection, ids: Sequence[int], *, rds_kill: bool, user: str | None = None
+) -> int:
     """Runbook "Force-kill connections": CALL mysql.rds_kill on RDS, KILL elsewhere.
 
-    A connection that is already gone is not an error. Returns how many were killed.
+    With `user`, each ID is checked to still belong to that user just before it is killed
+    (one that ended, or now is someone else's, is left alone). A connection that is already
+    gone is not an error. Returns how many were killed.
     """
     statement = "CALL mysql.rds_kill(%s)" if rds_kill else "KILL %s"
     killed = 0
     for thread_id in ids:
         if int(thread_id) == conn.thread_id():
             continue  # never the connection doing the killing
+        if user is not None and _owner_of(conn, thread_id) != user:
+            continue
         try:
             with conn.cursor() as cur:
                 cur.execute(statement, (int(thread_id),))
