@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from rotation import redact
 from rotation.catalogue import Catalogue
-from rotation.facts import Facts, digest
 from rotation.errors import (
     InvalidTransition,
     NotAllowed,
@@ -31,6 +30,7 @@ from rotation.errors import (
     StepFailed,
     UnknownName,
 )
+from rotation.facts import Facts, digest
 from rotation.store import (
     ACTIVE,
     CANCELLED,
