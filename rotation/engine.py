@@ -462,6 +462,13 @@ class Engine:
     def _transition(self, ctx: Context, to_status: str, *, event: str = "step",
                     detail: str | None = None, actor: str = SYSTEM, **values: Any) -> None:
         with self.store.transaction():
+            if to_status == "waiting" and any(
+                    i > ctx.requests_seen
+                    for i, _, _ in self.store.open_requests(ctx.rotation.id).values()):
+                # Asked for while this check ran (Roll back, Reactivate): look at it at once.
+                # Read inside the write transaction, so a request is either seen here or
+                # sets the re-check itself after this commits.
+                values["next_check_at"] = self.clock()
             self.store.update_rotation(ctx.rotation.id, data=ctx.data)
             self.store.update_step(ctx.rotation.id, ctx.step.position, status=to_status,
                                    **values)
@@ -491,9 +498,6 @@ class Engine:
         if until is None:
             delay = min(waits.max_check, waits.first_check * 2 ** min(ctx.step.checks, 30))
             until = now + delay
-        opened = self.store.open_requests(ctx.rotation.id).values()
-        if any(i > ctx.requests_seen for i, _, _ in opened):
-            until = now  # asked for while this check ran: look at it at once
         first = ctx.step.status != "waiting" or ctx.step.wait_reason != reason
         reason = redact.redact(reason)
         if first:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from moto import mock_aws
 
-from tests.test_iam import HOUR, SECRET, World, at
+from rotation import iam
+from rotation.engine import Engine
+from rotation.store import Store
+from tests.test_iam import HOUR, SECRET, World, _to_grace, at
 
 
 @pytest.fixture
@@ -65,3 +69,26 @@ def test_an_uncatalogued_secret_holding_the_old_key_stops_the_deletion(world):
     assert at(row) == ("delete-old-key", "failed")
     assert old["AccessKeyId"] in world.keys("staging")
     assert "someone/else" in row.current.error
+
+
+def test_a_reactivate_landing_while_the_grace_period_is_rechecked_is_not_lost(world, tmp_path):
+    """Scenario: a request racing a re-check. Another bot process records the click after the
+    grace step looked for requests and before it writes back its state."""
+    rid, old, _ = _to_grace(world)
+    other = Engine(Store(tmp_path / "state.db", clock=world.clock), world.catalogue,
+                   {iam.KIND.name: iam.KIND}, world.clients, clock=world.clock)
+    write_back = world.engine._transition
+    clicked: list[str] = []
+
+    def click_then_write_back(ctx: Any, to_status: str, **values: Any) -> None:
+        if ctx.step.name == "grace" and to_status == "waiting" and not clicked:
+            other.request(rid, "reactivate", "U0CAROL")
+            clicked.append("U0CAROL")
+        write_back(ctx, to_status, **values)
+
+    world.engine._transition = click_then_write_back  # type: ignore[method-assign]
+    row = world.advance(rid, HOUR)  # the grace period's periodic re-check is due
+    assert clicked
+    assert world.keys("staging")[old["AccessKeyId"]] == "Active"
+    assert at(row) == ("grace", "needs-approval")
+    assert "reactivated by U0CAROL" in row.current.gate_summary
