@@ -558,10 +558,16 @@ class Engine:
 
     # -- decisions (compare-and-set, so a double click or a second process cannot win twice)
 
-    def approve(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
+    def approve(self, rotation_id: int, step_name: str, actor: str, *,
+                shown: str | None = None) -> RotationRow:
+        """`shown`: the digest the approver was shown (a Slack button carries it); a request
+        asked again since, for a different action, is not approved by it."""
         rotation = self._active(rotation_id)
         step = rotation.step(step_name)
         self._check_gate_open(rotation, step)
+        if shown is not None and not (step.gate_digest or "").startswith(shown):
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} asks about "
+                                    "something else now; approve its latest request")
         guided = (step.gate or "").startswith(GUIDE)
         if step.gate_four_eyes and actor == rotation.initiator:
             raise NotAllowed(f"this decision needs a second person: the one who started "
