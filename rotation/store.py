@@ -141,6 +141,10 @@ def _m2_bound_approvals(db: sqlite_utils.Database) -> None:
         );
         CREATE UNIQUE INDEX one_open_request ON requests (rotation_id, name)
             WHERE consumed_at IS NULL;
+        INSERT INTO requests (rotation_id, name, actor, at)
+            SELECT r.id, j.key, j.value, r.updated_at
+            FROM rotations r, json_each(r.data, '$._requests') j
+            WHERE r.status = 'active';
         """
     )
 

@@ -5,13 +5,16 @@ asks again, and retry, Ask again and failures spend a destructive approval and i
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
+import sqlite_utils
 
 from handlers import messages
 from rotation.engine import Context, Done, Outcome
 from rotation.errors import InvalidTransition, NotAllowed
 from rotation.facts import Facts
+from rotation.store import MIGRATIONS, Store
 from tests.test_engine import Notices, clock, make  # noqa: F401
 
 
@@ -107,3 +110,19 @@ def test_a_gate_can_demand_a_second_person_in_any_environment(tmp_path, clock): 
     engine.approve(rid, "p", "bob")
     assert engine.advance(rid).status == "done"
 
+
+
+def test_the_migration_carries_open_requests_out_of_data(tmp_path, clock):  # noqa: F811
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(sqlite3.connect(path))
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.table("rotations").insert({
+        "kind": "secret", "target": "s", "env": "staging", "status": "active",
+        "initiator": "alice", "params": "{}",
+        "data": json.dumps({"_requests": {"rollback": "bob"}}), "created_at": 1,
+        "updated_at": 2})
+    db.conn.commit()
+    db.conn.close()
+    store = Store(path, clock=clock)
+    assert store.open_requests(1) == {"rollback": (1, "bob", 2.0)}
