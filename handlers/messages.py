@@ -359,6 +359,10 @@ def approval_request(rotation: RotationRow, step: StepRow, summary: str, destruc
                      approvers: str, four_eyes: bool, note: str = "") -> Message:
     """What will happen, with Approve and Reject; a guided step gets one "Done" button."""
     target = value(rotation.id, step.name)
+    if step.gate_digest:  # the Approve click approves exactly what this message shows
+        current = step.gate_summary == summary
+        target = value(rotation.id, step.name,
+                       shown=step.gate_digest[:16] if current else "superseded")
     if step.guided:
         text = f":point_right: `{step.name}` needs a person: {summary}"
         done = _button("Done", APPROVE, target, style="primary",

@@ -20,6 +20,7 @@ from rotation import secrets as sm_secrets
 from rotation.catalogue import AppTarget
 from rotation.engine import Context, Done, Outcome, Step, Wait
 from rotation.errors import SecretError, StepFailed
+from rotation.facts import Facts
 
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
@@ -84,6 +85,45 @@ def pending_secret(ctx: Context) -> dict[str, Any]:
         raise StepFailed(f"AWSPENDING of {target(ctx).secret} no longer holds "
                          f"{ctx.data.get('new_username')}; someone changed the secret")
     return pending
+
+
+# -- what the world says, for destructive steps and cancel ----------------------------------
+
+
+def secret_users(ctx: Context, env: str | None = None) -> dict[str, str | None]:
+    """Who the app's secret names, read now: "AWSCURRENT in staging" -> username, for this
+    environment and every environment restored from it (whose database gets its users)."""
+    env = env or ctx.env
+    found: dict[str, str | None] = {}
+    for where in (env, *ctx.catalogue.restored_into(env)):
+        t = target(ctx, where)
+        for stage in ("AWSCURRENT", "AWSPENDING"):
+            value = sm_secrets.read_json(secretsmanager(ctx, where), t.secret, stage=stage)
+            found[f"{stage} in {where}"] = None if value is None else value.get("username")
+    return found
+
+
+def retire_facts(ctx: Context, old: str, accounts: list[str], sessions: int,
+                 env: str | None = None) -> Facts:
+    """The preconditions of dropping or retiring the app's old database user, read now: it is
+    not the user in AWSCURRENT or AWSPENDING of the app's secret in this environment, nor in
+    any environment restored from it, and it has no sessions."""
+    users = secret_users(ctx, env)
+    seen = {"accounts": accounts, "secret": users, "sessions": sessions}
+    using = [where for where, user in users.items() if user == old]
+    if using:
+        return Facts(seen, f"refusing to drop {old}: it is the user in {', '.join(using)} of "
+                           f"{target(ctx, env).secret}; dropping it would lock the app out")
+    if sessions:
+        return Facts(seen, f"refusing to drop {old}: it has {sessions} sessions; it is still "
+                           "in use somewhere")
+    return Facts(seen)
+
+
+def holders(facts: Facts) -> str:
+    """"AWSCURRENT in staging holds app_user_20260101, ..." from `retire_facts`."""
+    return ", ".join(f"{where} holds {user}" for where, user in facts.seen["secret"].items()
+                     if user)
 
 
 # -- steps ---------------------------------------------------------------------------------
@@ -157,17 +197,37 @@ def shared_steps(env: str | None = None, suffix: str = "") -> list[Step]:
 
 
 def cancel(ctx: Context) -> str:
-    """Leave the app on credentials that work: AWSCURRENT is never touched by a cancel."""
+    """Leave the app on credentials that work: AWSCURRENT is never touched by a cancel.
+
+    Decided from the secret's real stages, not from notes: a promotion cut short (the second
+    stage call throttled, a crash before the state write) may have moved AWSCURRENT already."""
     t = target(ctx)
+    sm = secretsmanager(ctx)
     new, old = ctx.data.get("new_username"), ctx.data.get("old_username")
-    if ctx.data.get("promoted"):
-        return (f"AWSCURRENT already holds {new}, which logs in; the old user {old} is left "
-                "in place for a later rotation to retire")
+    users = secret_users(ctx)
+    current = users.get(f"AWSCURRENT in {ctx.env}")
+    in_use = [where for where, user in users.items()
+              if user == new and new and where.startswith("AWSCURRENT")]
+    if in_use:
+        version = ctx.data.get("pending_version")
+        finished = ""
+        if version and "AWSCURRENT" in sm_secrets.versions(sm, t.secret).get(version, []) \
+                and sm_secrets.unstage(sm, t.secret, "AWSPENDING", version):
+            finished = f" (AWSPENDING removed from version {version}, which is AWSCURRENT)"
+        return (f"{', '.join(in_use)} of {t.secret} already holds {new}, which the app uses; "
+                f"keep it{finished}. The old user {old} is left in place for a later rotation "
+                "to retire")
     version = ctx.data.get("pending_version")
-    parts = [f"AWSCURRENT of {t.secret} still holds {old or 'the current user'}"]
-    if version and sm_secrets.unstage(secretsmanager(ctx), t.secret, "AWSPENDING", version):
+    parts = [f"AWSCURRENT of {t.secret} holds {current or 'no user'}"]
+    if version and sm_secrets.unstage(sm, t.secret, "AWSPENDING", version):
         parts.append(f"AWSPENDING removed from version {version}")
     if new:
-        parts.append(f"the unused new user {new} is left in place (never in AWSCURRENT); "
-                     "drop it by hand; a later rotation picks a new name")
+        users = secret_users(ctx)
+        still = [where for where, user in users.items() if user == new]
+        if still:
+            parts.append(f"the new user {new} is left in place: {', '.join(still)} still "
+                         "names it, so do not drop it")
+        else:
+            parts.append(f"the unused new user {new} is left in place (no stage of the "
+                         "secret names it); drop it by hand; a later rotation picks a new name")
     return "; ".join(parts)

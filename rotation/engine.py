@@ -30,6 +30,7 @@ from rotation.errors import (
     StepFailed,
     UnknownName,
 )
+from rotation.facts import Facts, digest
 from rotation.store import (
     ACTIVE,
     CANCELLED,
@@ -80,9 +81,11 @@ Outcome = Done | Skipped | Wait
 class _NeedsApproval(Exception):
     """Control flow: the step asked for a decision it does not have yet."""
 
-    def __init__(self, gate: str, summary: str, destructive: bool) -> None:
+    def __init__(self, gate: str, summary: str, destructive: bool, digest: str | None = None,
+                 four_eyes: bool = False) -> None:
         super().__init__(summary)
         self.gate, self.summary, self.destructive = gate, summary, destructive
+        self.digest, self.four_eyes = digest, four_eyes
 
 
 class _Pause(Exception):
@@ -145,8 +148,16 @@ class Context:
     log: logging.LoggerAdapter[logging.Logger] = field(init=False)
     dry_run: bool = False
 
+    # Set when a destructive approval was used in this run: it is spent once acted on.
+    used_destructive: bool = field(default=False, init=False)
+    # Requests recorded before this run began (ids); a newer one makes a wait re-check at once.
+    requests_seen: int = field(default=0, init=False)
+
     def __post_init__(self) -> None:
         self.log = _StepLog(log, {"step": self.step.name, "rotation": self.rotation.id})
+        if not self.dry_run:
+            opened = self.engine.store.open_requests(self.rotation.id)
+            self.requests_seen = max((i for i, _, _ in opened.values()), default=0)
 
     @property
     def catalogue(self) -> Catalogue:
@@ -182,20 +193,54 @@ class Context:
             self.engine._save_data(self.rotation.id, self.data)
 
     def approve(self, summary: str, *, gate: str = "approval",
-                destructive: bool | None = None) -> None:
+                destructive: bool | None = None, binds: Any = None,
+                four_eyes: bool = False) -> None:
         """Return when a person approved `gate`; otherwise ask (and stop the step here).
 
-        Destructive gates in environments that notify 2nd line also post the notice
-        first, and honour the hold period, before returning.
+        With `binds` (what the action would do: users@hosts, IDs, digests), the approval
+        covers exactly that: a digest of it is stored with the request, and if it differs
+        now, the approval is asked for again. `four_eyes` demands an approver other than the
+        starter in any environment. Destructive gates in environments that notify 2nd line
+        also post the notice first, and honour the hold period, before returning.
         """
         is_destructive = bool(self.step.destructive) if destructive is None else destructive
+        where = (self.rotation.kind, self.target, self.env)
+        bound = None if binds is None else digest(gate, where, binds)
         if self.dry_run:
-            raise _NeedsApproval(gate, summary, is_destructive)
+            raise _NeedsApproval(gate, summary, is_destructive, bound, four_eyes)
         step = self.step
         if not (step.approved and step.gate == gate):
-            raise _NeedsApproval(gate, summary, is_destructive)
+            raise _NeedsApproval(gate, summary, is_destructive, bound, four_eyes)
+        if bound is not None and step.gate_digest != bound:
+            raise _NeedsApproval(gate, "What would be done changed since the approval; "
+                                 f"asking again. {summary}", is_destructive, bound, four_eyes)
         if is_destructive and self.catalogue.notify_second_line(self.env):
             self.engine._second_line_notice(self, summary)
+        if is_destructive:
+            self.used_destructive = True
+
+    def act(self, gate: str, read: Callable[[], Facts], describe: Callable[[Facts], str], *,
+            destructive: bool | None = None, four_eyes: bool = False) -> Facts:
+        """The approval of one exact destructive action, on preconditions read from the world.
+
+        `read()` re-reads the facts the action relies on; a `refused` reason fails the step
+        before anything changes. The approval text is `describe(facts)`, and the approval is
+        bound to `facts.seen`. After the gate (2nd line notice, hold period) the facts are
+        read once more, immediately before acting: refused, the step fails; changed, the
+        approval is asked for again. Returns the facts just read, for the action to use.
+        """
+        facts = read()
+        if facts.refused:
+            raise StepFailed(facts.refused)
+        self.approve(describe(facts), gate=gate, destructive=destructive, binds=facts.seen,
+                     four_eyes=four_eyes)
+        now = read()
+        if now.refused:
+            raise StepFailed(now.refused)
+        if now.seen != facts.seen:
+            self.approve(describe(now), gate=gate, destructive=destructive, binds=now.seen,
+                         four_eyes=four_eyes)
+        return now
 
 
     def guide(self, instruction: str, *, gate: str = "done") -> str:
@@ -209,16 +254,19 @@ class Context:
         return self.step.decided_by or "?"
 
     def consume(self, name: str) -> None:
-        """Forget an honoured request, so the same button works again later."""
-        self.data.get("_requests", {}).pop(name, None)
+        """Close an honoured request, so the same button works again later."""
+        if not self.dry_run:
+            self.engine.store.consume_request(self.rotation.id, name)
 
     def requested(self, name: str) -> str | None:
-        """Who asked for `name` (e.g. "rollback") through `Engine.request`, if anyone."""
-        requests = self.engine.store.rotation(self.rotation.id).data.get("_requests", {})
-        who = requests.get(name)
-        if who:
-            self.data.setdefault("_requests", {})[name] = who
-        return who
+        """Who asked for `name` (e.g. "rollback") through `Engine.request`, if anyone.
+
+        Requests live in their own table, not in `data`: one made while this step runs is
+        never lost when the step writes back its data."""
+        if self.dry_run:
+            return None
+        found = self.engine.store.open_requests(self.rotation.id).get(name)
+        return found[1] if found else None
 
 
 class _StepLog(logging.LoggerAdapter[logging.Logger]):
@@ -228,6 +276,11 @@ class _StepLog(logging.LoggerAdapter[logging.Logger]):
 
 
 # -- the engine --------------------------------------------------------------------------
+
+
+# Clearing these makes a destructive gate ask again, and tell 2nd line again.
+_SPENT: dict[str, Any] = {"decision": None, "decided_by": None, "decided_at": None,
+                          "notice_at": None, "notice_ref": None, "hold_until": None}
 
 
 def _scratch_step(step: Step, now: float) -> StepRow:
@@ -409,6 +462,13 @@ class Engine:
     def _transition(self, ctx: Context, to_status: str, *, event: str = "step",
                     detail: str | None = None, actor: str = SYSTEM, **values: Any) -> None:
         with self.store.transaction():
+            if to_status == "waiting" and any(
+                    i > ctx.requests_seen
+                    for i, _, _ in self.store.open_requests(ctx.rotation.id).values()):
+                # Asked for while this check ran (Roll back, Reactivate): look at it at once.
+                # Read inside the write transaction, so a request is either seen here or
+                # sets the re-check itself after this commits.
+                values["next_check_at"] = self.clock()
             self.store.update_rotation(ctx.rotation.id, data=ctx.data)
             self.store.update_step(ctx.rotation.id, ctx.step.position, status=to_status,
                                    **values)
@@ -428,7 +488,9 @@ class Engine:
     def _fail(self, ctx: Context, reason: str) -> None:
         reason = redact.redact(reason)
         ctx.log.warning("failed: %s", reason)
-        self._transition(ctx, "failed", detail=reason, error=reason, next_check_at=None)
+        spent = _SPENT if (ctx.step.gate_destructive or ctx.used_destructive) else {}
+        self._transition(ctx, "failed", detail=reason, error=reason, next_check_at=None,
+                         **spent)
 
     def _wait(self, ctx: Context, reason: str, *, until: float | None = None) -> None:
         now = self.clock()
@@ -440,17 +502,20 @@ class Engine:
         reason = redact.redact(reason)
         if first:
             ctx.log.info("waiting for %s", reason)
+        # A destructive approval acted on is spent: the next round needs its own decision.
+        spent = _SPENT if ctx.used_destructive else {}
         self._transition(ctx, "waiting", event="waiting" if first else "step",
                          detail=reason if first else None, wait_reason=reason,
                          waiting_since=ctx.step.waiting_since or now,
-                         next_check_at=until, checks=ctx.step.checks + 1)
+                         next_check_at=until, checks=ctx.step.checks + 1, **spent)
 
     def _ask(self, ctx: Context, need: _NeedsApproval) -> None:
         summary = redact.redact(need.summary)
         ctx.log.info("approval needed: %s", summary)
         self._transition(ctx, "needs-approval", event="approval-requested", detail=summary,
                          gate=need.gate, gate_summary=summary,
-                         gate_destructive=int(need.destructive),
+                         gate_destructive=int(need.destructive), gate_digest=need.digest,
+                         gate_four_eyes=int(need.four_eyes),
                          gate_requested_at=self.clock(), decision=None, decided_by=None,
                          decided_at=None, notice_at=None, notice_ref=None, hold_until=None,
                          reminded_at=None, expired_at=None, next_check_at=None,
@@ -493,11 +558,20 @@ class Engine:
 
     # -- decisions (compare-and-set, so a double click or a second process cannot win twice)
 
-    def approve(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
+    def approve(self, rotation_id: int, step_name: str, actor: str, *,
+                shown: str | None = None) -> RotationRow:
+        """`shown`: the digest the approver was shown (a Slack button carries it); a request
+        asked again since, for a different action, is not approved by it."""
         rotation = self._active(rotation_id)
         step = rotation.step(step_name)
         self._check_gate_open(rotation, step)
+        if shown is not None and not (step.gate_digest or "").startswith(shown):
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} asks about "
+                                    "something else now; approve its latest request")
         guided = (step.gate or "").startswith(GUIDE)
+        if step.gate_four_eyes and actor == rotation.initiator:
+            raise NotAllowed(f"this decision needs a second person: the one who started "
+                             f"rotation #{rotation.id} cannot approve it")
         if not guided and self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
             raise NotAllowed(f"{rotation.env} needs a second person: the one who started "
                              f"rotation #{rotation.id} cannot approve it")
@@ -519,7 +593,8 @@ class Engine:
         with self.store.transaction():
             won = self.store.update_step(
                 rotation.id, step.position,
-                expect={"status": "needs-approval", "decision": None, "gate": step.gate},
+                expect={"status": "needs-approval", "decision": None, "gate": step.gate,
+                        "gate_digest": step.gate_digest},
                 status=to_status, decision=decision, decided_by=actor,
                 decided_at=self.clock(), **values)
             if won:
@@ -578,7 +653,7 @@ class Engine:
                                     "approval")
         with self.store.transaction():
             self.store.update_step(rotation.id, step.position, expired_at=None,
-                                   reminded_at=None, gate_requested_at=self.clock())
+                                   reminded_at=None, gate_requested_at=self.clock(), **_SPENT)
             self.store.audit(rotation.id, "approval-requested", actor, step=step.name,
                              from_status="needs-approval", to_status="needs-approval",
                              detail=step.gate_summary)
@@ -606,13 +681,11 @@ class Engine:
         if name not in self.offers(rotation):
             raise InvalidTransition(f"rotation #{rotation.id} does not offer {name} now")
         with self.store.transaction():
-            data = self.store.rotation(rotation.id).data
-            requests = data.setdefault("_requests", {})
-            if name in requests:
+            already = self.store.add_request(rotation.id, name, actor)
+            if already:
                 raise InvalidTransition(f"rotation #{rotation.id}: {name} was already asked for "
-                                        f"by {requests[name]}")
-            requests[name] = actor
-            self.store.update_rotation(rotation.id, data=data, next_run_at=self.clock())
+                                        f"by {already}")
+            self.store.update_rotation(rotation.id, next_run_at=self.clock())
             step = rotation.current
             if step is not None and step.status == "waiting":  # re-check it now, not later
                 self.store.update_step(rotation.id, step.position, next_check_at=self.clock())
@@ -627,12 +700,13 @@ class Engine:
         if step is None or step.status != "failed":
             raise InvalidTransition(f"rotation #{rotation.id} has no failed step to retry "
                                     f"(it is {rotation.phase})")
+        # A rejected gate, and any destructive one, needs a new decision (and a new 2nd line
+        # notice): an approval covers one attempt, not the retry of a failed one.
+        spent = _SPENT if step.decision == "rejected" or step.gate_destructive else {}
         with self.store.transaction():
             won = self.store.update_step(
                 rotation.id, step.position, expect={"status": "failed"}, status="pending",
-                error=None, waiting_since=None, wait_reason=None, checks=0,
-                **({"decision": None, "decided_by": None, "decided_at": None}
-                   if step.decision == "rejected" else {}))
+                error=None, waiting_since=None, wait_reason=None, checks=0, **spent)
             if won:
                 self.store.update_rotation(rotation.id, next_run_at=self.clock())
                 self.store.audit(rotation.id, "retried", actor, step=step.name,

@@ -42,6 +42,7 @@ from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, KeyPlaces, ManualPlace, SecretField
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
 from rotation.errors import AwsError, ConfigError, StepFailed
+from rotation.facts import Facts
 
 ACTIVE, INACTIVE = "Active", "Inactive"
 DAY = 86400.0
@@ -220,6 +221,39 @@ def _old(ctx: Context, keys: list[AccessKey]) -> AccessKey | None:
     return _find(keys, ctx.data["old_key_id"])
 
 
+def _key_facts(ctx: Context, key_id: str, action: str) -> Facts:
+    """The preconditions of deactivating or deleting `key_id`, read now: no catalogued or
+    scanned secret's AWSCURRENT holds it, and (once there is a new key) every catalogued
+    secret's AWSCURRENT holds the new one. The approval is bound to the key, its status and
+    last use, and where the keys are."""
+    sm, new = _sm(ctx), ctx.data.get("new_key_id")
+    key = _find(_keys(ctx), key_id)
+    holding, lacking = [], []
+    for field in _places(ctx).secrets:
+        current = read_key_secret(sm, field)
+        held = current[0].get(field.key_id_field) if current else None
+        if held == key_id:
+            holding.append(field.id)
+        elif new and key_id != new and held != new:
+            lacking.append(f"{field.id} (holds {held})")
+    holding += [name for name, _arn in scan_secrets(sm, key_id).holding if name not in holding]
+    seen = {
+        "key": key_id,
+        "status": key.status if key else None,
+        "last_used": key.last_used if key else None,
+        "new_key": new,
+        "holding": sorted(holding),
+        "lacking": sorted(lacking),
+    }
+    if holding:
+        return Facts(seen, f"refusing to {action} {key_id}: AWSCURRENT of "
+                           f"{', '.join(sorted(holding))} holds it; whatever reads it would break")
+    if lacking:
+        return Facts(seen, f"refusing to {action} {key_id}: AWSCURRENT of "
+                           f"{', '.join(sorted(lacking))} does not hold the new key {new}")
+    return Facts(seen)
+
+
 def preflight(ctx: Context) -> Outcome:
     """Runbook 1, "Find users access key": every key with its age, status and last use.
 
@@ -255,10 +289,12 @@ def make_room(ctx: Context) -> Outcome:
     if not inactive:
         return Skipped(f"{ctx.target} has no second key: there is room for the new one")
     key = inactive[0]
-    ctx.approve(
-        f"Delete the inactive key {_describe(key, ctx.now())} of {ctx.target} in "
-        f"{ctx.env}: a user has at most two keys and the new key needs the slot",
-        gate="delete-inactive",
+    ctx.act(
+        "delete-inactive",
+        lambda: _key_facts(ctx, key.id, "delete"),
+        lambda f: f"Delete the inactive key {_describe(key, ctx.now())} of {ctx.target} in "
+        f"{ctx.env}: a user has at most two keys and the new key needs the slot; no "
+        "secret's AWSCURRENT holds it",
         destructive=True,
     )
     if not _delete_inactive(_iam(ctx), ctx.target, ctx.env, key.id):
@@ -516,15 +552,27 @@ def deactivate(ctx: Context) -> Outcome:
     grace = _grace_seconds(ctx)
     if old.active:
         _still_quiet(ctx, old)
-        ctx.approve(
-            f"Deactivate the old key {old.id} of {ctx.target} in {ctx.env} (last used "
-            f"{when(old.last_used)}; the new key {ctx.data['new_key_id']} is in use). "
+
+        def read() -> Facts:
+            facts = _key_facts(ctx, old.id, "deactivate")
+            used = facts.seen["last_used"]
+            if facts.refused is None and used is not None and ctx.now() - used < QUIET_SECONDS:
+                return Facts(facts.seen, f"the old key {old.id} was used at {when(used)}: "
+                                         "something still uses it; find it, then retry")
+            return facts
+
+        facts = ctx.act(
+            "deactivate",
+            read,
+            lambda f: f"Deactivate the old key {old.id} of {ctx.target} in {ctx.env} (last "
+            f"used {when(f.seen['last_used'])}; the new key {ctx.data['new_key_id']} is in use "
+            f"and every catalogued secret's AWSCURRENT holds it). "
             f'"Reactivate" works for {days(grace)}; then the key is deleted after '
             "another approval",
-            gate="deactivate",
             destructive=True,
         )
-        _set_status(_iam(ctx), ctx.target, old.id, INACTIVE)
+        if facts.seen["status"] == ACTIVE:
+            _set_status(_iam(ctx), ctx.target, old.id, INACTIVE)
     ctx.data.setdefault("deactivated_at", now)
     return Done(
         f'the old key {old.id} is inactive; "Reactivate" works until '
@@ -555,12 +603,13 @@ def grace(ctx: Context) -> Outcome:
     span = _grace_seconds(ctx)
     if old.active:
         by = ctx.data.get("reactivated_by") or "someone outside Rotor"
-        ctx.approve(
-            f"The old key {old_id} was reactivated by {by} (last used "
-            f"{when(old.last_used)}). Once whatever needed it has the new key "
+        ctx.act(
+            f"deactivate-again-{ctx.data.get('reactivations', 0)}",
+            lambda: _key_facts(ctx, old_id, "deactivate"),
+            lambda f: f"The old key {old_id} was reactivated by {by} (last used "
+            f"{when(f.seen['last_used'])}). Once whatever needed it has the new key "
             f"{ctx.data['new_key_id']}, approve to deactivate it again and restart the "
             f"grace period ({days(span)}); or cancel the rotation (both keys stay active)",
-            gate=f"deactivate-again-{ctx.data.get('reactivations', 0)}",
             destructive=True,
         )
         _set_status(iam, ctx.target, old_id, INACTIVE)
@@ -608,10 +657,20 @@ def delete_old_key(ctx: Context) -> Outcome:
             f"the old key {old_id} was used at {when(old.last_used)}, after it was "
             "deactivated: it was active again in between; find what used it"
         )
-    ctx.approve(
-        f"Delete the old key {old_id} of {user} in {ctx.env} for good: inactive since "
-        f"{when(deactivated)}, last used {when(old.last_used)}",
-        gate="delete",
+
+    def read() -> Facts:
+        facts = _key_facts(ctx, old_id, "delete")
+        if facts.refused is None and facts.seen["status"] not in (INACTIVE, None):
+            return Facts(facts.seen, f"the old key {old_id} is active again: Rotor never "
+                                     "deletes an active key")
+        return facts
+
+    ctx.act(
+        "delete",
+        read,
+        lambda f: f"Delete the old key {old_id} of {user} in {ctx.env} for good: inactive "
+        f"since {when(deactivated)}, last used {when(f.seen['last_used'])}; no secret's "
+        "AWSCURRENT holds it",
         destructive=True,
     )
     if not _delete_inactive(iam, user, ctx.env, old_id):

@@ -23,11 +23,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rotation import consumers, redact
+from rotation import consumers, mysql_db, postgres_db, redact
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Consumers
 from rotation.engine import Context, Done, Outcome, Step, Wait
-from rotation.errors import SecretError, StepFailed
+from rotation.errors import DatabaseError, SecretError, StepFailed
+from rotation.facts import Facts
 
 ROLLBACK = "rollback"  # the request name the Roll back button sends
 _NAMES = ("host", "port", "dbname", "username", "engine")  # keys that hold no secret
@@ -256,21 +257,62 @@ def grace(ctx: Context) -> Outcome:
     )
 
 
-def _roll_back(ctx: Context, before: str, new: str) -> None:
-    """Move AWSCURRENT from `new` back to `before`, if it is not there already."""
+def _login_problem(ctx: Context, values: Mapping[str, str]) -> str | None:
+    """Why a database credential (RDS's JSON: engine, host, port, username, password) does
+    not log in, or None when it does or is not one Rotor can try."""
+    engine = values.get("engine", "")
+    if not all(values.get(k) for k in ("host", "username", "password")):
+        return None
+    environment = ctx.catalogue.environment(ctx.env)
+    try:
+        if engine in ("mysql", "mariadb", "aurora-mysql"):
+            ok = mysql_db.can_login(mysql_db.Endpoint(
+                host=values["host"], port=int(values.get("port") or 3306),
+                user=values["username"], password=values["password"],
+                tls=environment.db_tls, ca_file=environment.db_ca_file))
+        elif engine in ("postgres", "postgresql", "aurora-postgresql"):
+            postgres_db.connect(postgres_db.Endpoint(
+                host=values["host"], port=int(values.get("port") or 5432),
+                user=values["username"], password=values["password"],
+                database=values.get("dbname") or "postgres", tls=environment.db_tls,
+                ca_file=environment.db_ca_file)).close()
+            ok = True
+        else:
+            return None
+    except DatabaseError as exc:
+        return str(exc)
+    return None if ok else f"login as {values['username']} refused"
+
+
+def _rollback_facts(ctx: Context, before: str, new: str) -> Facts:
+    """The preconditions of a roll back, read now: AWSCURRENT is still the version this
+    rotation made, the version it returns to still exists, and its credentials work."""
     sm, secret_id = _sm(ctx), ctx.target
     stages = sm_secrets.versions(sm, secret_id)
     current = _stage_holder(stages, "AWSCURRENT")
-    if current != before:
-        if current != new:
-            raise StepFailed(
-                f"AWSCURRENT of {secret_id} is version {current}, not {new} that "
-                "this rotation made: someone changed it since; not rolling back"
-            )
-        if before not in stages:
-            raise StepFailed(
-                f"version {before} of {secret_id} no longer exists; cannot roll back to it"
-            )
+    seen = {"current": current, "to": before, "from": new}
+    if current == before:
+        return Facts(seen)
+    if current != new:
+        return Facts(seen, f"AWSCURRENT of {secret_id} is version {current}, not {new} that "
+                           "this rotation made: someone changed it since; not rolling back")
+    if before not in stages:
+        return Facts(seen, f"version {before} of {secret_id} no longer exists; cannot roll "
+                           "back to it")
+    problem = _login_problem(ctx, _values(sm, secret_id, before))
+    if problem:
+        return Facts(seen, f"version {before} of {secret_id} does not log in ({problem}); "
+                           "not rolling back to it")
+    return Facts(seen)
+
+
+def _roll_back(ctx: Context, before: str, new: str) -> None:
+    """Move AWSCURRENT from `new` back to `before`, if it is not there already."""
+    sm, secret_id = _sm(ctx), ctx.target
+    facts = _rollback_facts(ctx, before, new)
+    if facts.refused:
+        raise StepFailed(facts.refused)
+    if facts.seen["current"] != before:
         sm_secrets.promote(sm, secret_id, before)
         ctx.log.info("moved AWSCURRENT of %s back to version %s", secret_id, before)
     # A rotation function may leave AWSPENDING on the version it made; left on a version
@@ -326,13 +368,15 @@ class ManagedSecretKind:
         """Change nothing: say where the secret stands and what is left to do by hand."""
         secret_id, before = ctx.target, ctx.data.get("before_version")
         token = ctx.data.get("token")
-        if ctx.data.get("rolled_back_by"):
+        # From the secret's stages, not from notes: a roll back may have moved AWSCURRENT
+        # before the step could record it.
+        stages = sm_secrets.versions(_sm(ctx), secret_id)
+        labels = stages.get(token or "", [])
+        if "AWSPREVIOUS" in labels and "AWSCURRENT" in stages.get(before or "", []):
             return (
                 f"rolled back: AWSCURRENT of {secret_id} is version {before}; consumers "
                 "not yet redeployed may hold the newer value until they restart"
             )
-        stages = sm_secrets.versions(_sm(ctx), secret_id)
-        labels = stages.get(token or "", [])
         if "AWSCURRENT" in labels:
             redeploy = [s for s in ctx.rotation.steps if s.name in ("sync", "rollout", "ecs")]
             if all(s.finished for s in redeploy):

@@ -16,6 +16,7 @@ from rotation import appcreds, mysql_db
 from rotation.catalogue import Catalogue
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
 from rotation.errors import StepFailed, UnknownName
+from rotation.facts import Facts
 
 
 def _endpoint(ctx: Context, user: str, password: str, database: str | None = None,
@@ -66,19 +67,83 @@ def preflight(ctx: Context) -> Outcome:
     return Done(f"{info.flavor} {info.version}; {found}; {defined}")
 
 
+_BODY_SHOWN = 2400  # characters of a body posted with its approval (Slack shows 3,000)
+
+
+def _shown(detail: mysql_db.ObjectDetail, admin_user: str) -> str:
+    rights = f"runs with {admin_user}'s rights" if detail.runs_as_definer else \
+        "runs with the caller's rights"
+    return (f"{detail.key} (SQL SECURITY {detail.security}, body sha256 {detail.digest}: "
+            f"{rights})")
+
+
+def _body(detail: mysql_db.ObjectDetail) -> str:
+    body = detail.body
+    if len(body) > _BODY_SHOWN:
+        body = body[:_BODY_SHOWN] + f" [... {len(detail.body) - _BODY_SHOWN} more characters]"
+    return body
+
+
 def redefine_objects(ctx: Context) -> Outcome:
-    """Runbook: "Check for other MySQL objects": re-create them under the admin user."""
+    """Runbook: "Check for other MySQL objects": re-create them under the admin user.
+
+    The approval lists each object with its kind, SQL SECURITY and a digest of its body, and
+    names those that will run with the admin's rights. With --compromised, anyone holding the
+    app's credentials could have planted a SQL SECURITY DEFINER object: each needs its own
+    decision, by someone other than the starter, with its body posted in the request. What
+    re-creates an object is saved before it is dropped (MySQL 8), and whatever a crash left
+    missing is re-created first on resume."""
     old, schema = ctx.data["old_username"], ctx.data["schema"]
+    admin_user = appcreds.target(ctx).admin_user
+    state = ctx.data.setdefault("redefine", {})
+    saved: dict[str, Any] = state.setdefault("saved", {})
     with admin(ctx) as conn:
+        restored = [key for key, plan in saved.items() if mysql_db.restore_missing(conn, plan)]
         objects = mysql_db.definer_objects(conn, schema, old)
         if not objects:
+            if restored:
+                return Done(f"re-created {', '.join(restored)} (lost between DROP and CREATE) "
+                            f"under the admin user; nothing else is defined by {old}")
             return Skipped(f"no functions, procedures, triggers, views or events defined by {old}")
-        names = ", ".join(f"{o.kind} {o.schema}.{o.name}" for o in objects)
-        ctx.approve(f"Re-define {len(objects)} objects under {appcreds.target(ctx).admin_user}, "
-                    f"bodies unchanged: {names}", gate="redefine")
+        details = mysql_db.object_details(conn, objects)
+        approved: dict[str, str] = state.setdefault("approved", {})
+        if ctx.params.get("compromised"):
+            for detail in details:
+                if detail.runs_as_definer and approved.get(detail.key) != detail.digest:
+                    ctx.approve(
+                        f"{detail.key} runs with its definer's rights (SQL SECURITY "
+                        f"{detail.security}). Re-defined under {admin_user}, it would run with "
+                        f"{admin_user}'s rights, and {old}'s credentials are compromised: anyone "
+                        "holding them could have planted it. Read its body before approving; "
+                        "someone other than the starter must approve. Body (sha256 "
+                        f"{detail.digest}): {_body(detail)}",
+                        gate=f"redefine {detail.key}",
+                        binds=detail.seen,
+                        four_eyes=True,
+                    )
+                    approved[detail.key] = detail.digest
+        rest = [d for d in details if approved.get(d.key) != d.digest]
+        definers = [d.key for d in details if d.runs_as_definer]
+        if rest:
+            ctx.approve(
+                f"Re-define {len(details)} objects under {admin_user}, bodies unchanged: "
+                + "; ".join(_shown(d, admin_user) for d in details)
+                + (f". Will run with {admin_user}'s rights: {', '.join(definers)}" if definers
+                   else ". None will run with the admin's rights"),
+                gate="redefine",
+                binds=[d.seen for d in details],
+            )
+
+        def keep(plan: dict[str, Any]) -> None:
+            saved[f"{plan['kind']} {plan['schema']}.{plan['name']}"] = plan
+            ctx.save()  # before the DROP: a crash between DROP and CREATE loses nothing
+
         for obj in objects:
-            mysql_db.redefine_object(conn, obj)
-    return Done(f"re-defined under the admin user: {names}")
+            mysql_db.redefine_object(conn, obj, save=keep)
+    names = ", ".join(d.key for d in details)
+    again = f"; re-created {', '.join(restored)} (lost between DROP and CREATE)" if restored \
+        else ""
+    return Done(f"re-defined under the admin user: {names}{again}")
 
 
 def create_user(ctx: Context) -> Outcome:
@@ -136,10 +201,23 @@ def drain(ctx: Context) -> Outcome:
                         timeout=ctx.catalogue.waits.drain * 2)
         info = mysql_db.server_info(conn)
         how = "CALL mysql.rds_kill(id)" if info.has_rds_kill else "KILL id"
-        ctx.approve(f"Kill {len(ids)} connections of {old} still open after "
-                    f"{int(ctx.catalogue.waits.drain)}s ({how}); connections per user: "
-                    f"{per_user}", gate="kill", destructive=True)
-        killed = mysql_db.kill_connections(conn, ids, rds_kill=info.has_rds_kill)
+
+        def read() -> Facts:
+            # Each round of kills is its own decision, bound to these connection IDs.
+            return Facts({"user": old, "ids": mysql_db.connection_ids(conn, old)})
+
+        facts = ctx.act(
+            "kill", read,
+            lambda f: f"Kill {len(f.seen['ids'])} connections of {old} (IDs "
+                      f"{', '.join(map(str, f.seen['ids']))}) still open after "
+                      f"{int(ctx.catalogue.waits.drain)}s ({how}); connections per user: "
+                      f"{per_user}",
+            destructive=True)
+        if not facts.seen["ids"]:
+            return Done(f"the connections of {old} ended before they were killed")
+        # Only IDs that still belong to the old user, checked one by one just before KILL.
+        killed = mysql_db.kill_connections(conn, facts.seen["ids"], rds_kill=info.has_rds_kill,
+                                           user=old)
     ctx.log.info("killed %s connections of %s", killed, old)
     return Wait(f"killed connections of {old} to go", timeout=ctx.catalogue.waits.drain * 2)
 
@@ -148,13 +226,31 @@ def drop_old_user(ctx: Context) -> Outcome:
     """Runbook: "Deleting the old user", on every host it exists on."""
     old = ctx.data["old_username"]
     with admin(ctx) as conn:
-        hosts = mysql_db.user_hosts(conn, old)
+        if not mysql_db.user_hosts(conn, old):
+            return Done(f"{old} is already gone")
+
+        def read() -> Facts:
+            """Read now: the old user's accounts, its sessions, who the secret names, and
+            whether AWSCURRENT logs in."""
+            hosts = mysql_db.user_hosts(conn, old)
+            facts = appcreds.retire_facts(ctx, old, [f"{old}@{h}" for h in hosts],
+                                          len(mysql_db.connection_ids(conn, old)))
+            if facts.refused is None:
+                current = appcreds.app_secret(ctx)
+                endpoint = _endpoint(ctx, current["username"], current["password"])
+                if not mysql_db.can_login(endpoint):
+                    return Facts(facts.seen, f"refusing to drop {old}: AWSCURRENT's user "
+                                             f"{current['username']} does not log in")
+            return facts
+
+        facts = ctx.act(
+            "drop", read,
+            lambda f: f"DROP USER {', '.join(f.seen['accounts'])}; no sessions; "
+                      f"{appcreds.holders(f)}; AWSCURRENT logs in",
+            destructive=True)
+        hosts = [account.split("@", 1)[1] for account in facts.seen["accounts"]]
         if not hosts:
             return Done(f"{old} is already gone")
-        if mysql_db.connection_ids(conn, old):
-            raise StepFailed(f"{old} has connections again; it is still in use somewhere")
-        ctx.approve(f"DROP USER {old} on {', '.join(hosts)} (AWSCURRENT now holds "
-                    f"{ctx.data['new_username']}, which logs in)", gate="drop")
         mysql_db.drop_user(conn, old, hosts)
     return Done(f"dropped {old} on {', '.join(hosts)}")
 

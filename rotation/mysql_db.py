@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, cast
@@ -33,6 +33,7 @@ from pymysql.charset import charset_by_name
 from pymysql.connections import Connection
 
 from rotation.errors import ConfigError, DatabaseError, InvalidIdentifier, UnknownName
+from rotation.facts import body_digest
 from rotation.mysql_grants import (  # noqa: F401 - names callers reach through this module
     GRANTEE,
     Grant,
@@ -621,6 +622,51 @@ def _definer_objects(conn: Connection, user: str, schema: str | None) -> list[De
     return sorted(found, key=lambda o: (o.kind, o.schema, o.name))
 
 
+@dataclass(frozen=True)
+class ObjectDetail:
+    """What an approval to re-define an object must show: whose rights it runs with, and
+    what its body is (SHOW CREATE without the DEFINER clause) with a digest of it."""
+
+    obj: DefinedObject
+    security: str  # "DEFINER" or "INVOKER"; triggers and events always run as their definer
+    body: str
+    digest: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.obj.kind} {self.obj.schema}.{self.obj.name}"
+
+    @property
+    def runs_as_definer(self) -> bool:
+        return self.security == "DEFINER"
+
+    @property
+    def seen(self) -> dict[str, str]:
+        return {"object": self.key, "security": self.security, "body": self.digest}
+
+
+def object_details(conn: Connection, objects: Sequence[DefinedObject]) -> list[ObjectDetail]:
+    """Each object's SQL SECURITY and body digest, read now."""
+    details = []
+    for obj in objects:
+        security = "DEFINER"
+        if obj.kind in ("FUNCTION", "PROCEDURE", "VIEW"):
+            table, schema_col, name_col = (
+                ("VIEWS", "TABLE_SCHEMA", "TABLE_NAME") if obj.kind == "VIEW"
+                else ("ROUTINES", "ROUTINE_SCHEMA", "ROUTINE_NAME"))
+            rows = _run(
+                conn,
+                f"SELECT SECURITY_TYPE FROM information_schema.{table}"  # noqa: S608
+                f" WHERE {schema_col} = %s AND {name_col} = %s",
+                (obj.schema, obj.name),
+                what=f"reading the SQL SECURITY of {_describe(obj)}",
+            )
+            security = _text(rows[0][0]).upper() if rows else "DEFINER"
+        body = _show_create(conn, obj).rest
+        details.append(ObjectDetail(obj, security, body, body_digest(body)))
+    return details
+
+
 # Names as SHOW CREATE prints them: backticks, or double quotes under ANSI_QUOTES.
 _ID = r'(?:`(?:[^`]|``)*`|"(?:[^"]|"")*"|[A-Za-z0-9_$]+)'
 _ACCOUNT_PART = rf"(?:{_ID}|'(?:[^'\\]|\\.|'')*'|[A-Za-z0-9_$.%\-]+)"
@@ -814,7 +860,10 @@ def _regrant_routine(
         )
 
 
-def redefine_object(conn: Connection, obj: DefinedObject) -> None:
+Saver = Callable[[dict[str, Any]], None]
+
+
+def redefine_object(conn: Connection, obj: DefinedObject, save: Saver | None = None) -> None:
     """Runbook "re-create them using the aws_db_admin user": make the admin the definer.
 
     The statement is kept exactly: only the DEFINER clause of SHOW CREATE is replaced, with
@@ -825,6 +874,9 @@ def redefine_object(conn: Connection, obj: DefinedObject) -> None:
     (the trigger's table locked meanwhile) and the routine's grants put back. An object the
     admin already defines is left alone. Routines and triggers are re-created with their
     schema as the connection's database (see `_using`).
+
+    On the DROP-then-CREATE path, `save` is first given what re-creates the object
+    (`restore_missing` takes it), so that a crash between the two loses nothing.
     """
     quote_identifier(obj.schema)
     state = _object_state(conn, obj)
@@ -858,9 +910,9 @@ def redefine_object(conn: Connection, obj: DefinedObject) -> None:
         # SHOW CREATE TRIGGER/PROCEDURE/FUNCTION leaves names relative to the object's schema.
         with _using(conn, obj.schema):
             if obj.kind == "TRIGGER":
-                _redefine_trigger(conn, obj, state, definition)
+                _redefine_trigger(conn, obj, state, definition, save)
             else:
-                _redefine_routine(conn, obj, definition)
+                _redefine_routine(conn, obj, definition, save)
     log.info(
         "redefine_object: %s now defined by %s (was %s)", _describe(obj), admin, state["DEFINER"]
     )
@@ -902,7 +954,55 @@ def _replace_dropped(conn: Connection, obj: DefinedObject, statement: str, chars
         raise
 
 
-def _redefine_routine(conn: Connection, obj: DefinedObject, definition: _Definition) -> None:
+def _saved(
+    obj: DefinedObject, statement: str, definition: _Definition, grants: list[tuple[str, str, str]]
+) -> dict[str, Any]:
+    """What re-creates a dropped object: the CREATE statement and the session it ran in."""
+    return {
+        "kind": obj.kind,
+        "schema": obj.schema,
+        "name": obj.name,
+        "statement": statement,
+        "sql_mode": definition.sql_mode,
+        "charset_client": definition.charset_client,
+        "collation_connection": definition.collation_connection,
+        "time_zone": definition.time_zone,
+        "grants": [list(g) for g in grants],
+    }
+
+
+def restore_missing(conn: Connection, saved: dict[str, Any]) -> bool:
+    """Re-create an object `redefine_object` saved and then dropped, if it is missing (a crash
+    between DROP and CREATE). Returns True when it had to."""
+    obj = DefinedObject(cast(ObjectKind, saved["kind"]), saved["schema"], saved["name"], "")
+    quote_identifier(obj.schema)
+    if obj.kind not in ("FUNCTION", "PROCEDURE", "TRIGGER"):
+        raise DatabaseError(f"cannot restore {_describe(obj)}: only routines and triggers are "
+                            "dropped and re-created")
+    if _object_state(conn, obj) is not None:
+        return False
+    definition = _Definition(
+        rest="",
+        algorithm="",
+        sql_mode=saved["sql_mode"],
+        charset_client=saved["charset_client"],
+        collation_connection=saved["collation_connection"],
+        time_zone=saved["time_zone"],
+    )
+    with _using(conn, obj.schema), _creation_session(conn, definition):
+        _execute_as_client(
+            conn, saved["statement"], definition.charset_client,
+            what=f"restoring {_describe(obj)} (dropped, then interrupted before its CREATE)",
+        )
+    if obj.kind != "TRIGGER":
+        _regrant_routine(conn, obj, [(u, h, p) for u, h, p in saved["grants"]])
+    log.info("restore_missing: re-created %s from the saved definition", _describe(obj))
+    return True
+
+
+def _redefine_routine(
+    conn: Connection, obj: DefinedObject, definition: _Definition, save: Saver | None = None
+) -> None:
     what = f"re-creating {_describe(obj)}"
     head = _ROUTINE_HEAD.match(definition.rest)
     if not head:
@@ -922,6 +1022,8 @@ def _redefine_routine(conn: Connection, obj: DefinedObject, definition: _Definit
         return
     trial = quote_server_name("rotor_check_" + secrets.token_hex(6))
     grants = _routine_grants(conn, obj)  # DROP deletes them
+    if save is not None:
+        save(_saved(obj, create("CREATE", head.group("name")), definition, grants))
     with _creation_session(conn, definition):
         _execute_as_client(
             conn, create("CREATE", trial), charset, what=f"{what} (trial copy; original untouched)"
@@ -941,7 +1043,11 @@ def _redefine_routine(conn: Connection, obj: DefinedObject, definition: _Definit
 
 
 def _redefine_trigger(
-    conn: Connection, obj: DefinedObject, state: dict[str, Any], definition: _Definition
+    conn: Connection,
+    obj: DefinedObject,
+    state: dict[str, Any],
+    definition: _Definition,
+    save: Saver | None = None,
 ) -> None:
     what = f"re-creating {_describe(obj)}"
     head = _TRIGGER_HEAD.match(definition.rest)
@@ -967,6 +1073,8 @@ def _redefine_trigger(
     # MySQL 8 has no CREATE OR REPLACE TRIGGER. With the table write-locked no row slips
     # through between DROP and CREATE, and the trial copy never fires.
     trial = quote_server_name("rotor_check_" + secrets.token_hex(6))
+    if save is not None:
+        save(_saved(obj, create("CREATE", head.group("name")), definition, []))
     table = f"{quote_server_name(obj.schema)}.{quote_server_name(str(state['EVENT_OBJECT_TABLE']))}"
     _run(conn, f"LOCK TABLES {table} WRITE", what=f"{what} (locking {table})")
     try:
@@ -1018,16 +1126,32 @@ def connection_ids(conn: Connection, user: str) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
-def kill_connections(conn: Connection, ids: Sequence[int], *, rds_kill: bool) -> int:
+def _owner_of(conn: Connection, thread_id: int) -> str | None:
+    rows = _run(
+        conn,
+        "SELECT USER FROM information_schema.PROCESSLIST WHERE ID = %s",
+        (int(thread_id),),
+        what=f"looking up connection {int(thread_id)}",
+    )
+    return _text(rows[0][0]) if rows else None
+
+
+def kill_connections(
+    conn: Connection, ids: Sequence[int], *, rds_kill: bool, user: str | None = None
+) -> int:
     """Runbook "Force-kill connections": CALL mysql.rds_kill on RDS, KILL elsewhere.
 
-    A connection that is already gone is not an error. Returns how many were killed.
+    With `user`, each ID is checked to still belong to that user just before it is killed
+    (one that ended, or now is someone else's, is left alone). A connection that is already
+    gone is not an error. Returns how many were killed.
     """
     statement = "CALL mysql.rds_kill(%s)" if rds_kill else "KILL %s"
     killed = 0
     for thread_id in ids:
         if int(thread_id) == conn.thread_id():
             continue  # never the connection doing the killing
+        if user is not None and _owner_of(conn, thread_id) != user:
+            continue
         try:
             with conn.cursor() as cur:
                 cur.execute(statement, (int(thread_id),))

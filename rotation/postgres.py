@@ -33,6 +33,7 @@ from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Environment
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
 from rotation.errors import InvalidIdentifier, NotAllowed, StepFailed, UnknownName
+from rotation.facts import Facts
 
 # How long after a restore was due Rotor keeps looking for the new user in the restored
 # environment before it gives up: a restore that starts at 03:00 has until 09:00.
@@ -359,13 +360,20 @@ def drain(ctx: Context, env: str | None = None) -> Outcome:
                 f"{_plural(lingering, 'connection')} of {old} to close in {env}",
                 timeout=waits.drain * 2,
             )
-        ctx.approve(
-            f"Terminate {_plural(lingering, 'connection')} of {old} in {env} still open after "
+
+        def read() -> Facts:
+            # Each round is its own decision, bound to these backends.
+            return Facts({"user": old, "env": env, "pids": postgres_db.session_pids(conn, old)})
+
+        facts = ctx.act(
+            "kill",
+            read,
+            lambda f: f"Terminate {_plural(len(f.seen['pids']), 'connection')} of {old} in "
+            f"{env} (pids {', '.join(map(str, f.seen['pids']))}) still open after "
             f"{int(waits.drain)}s (pg_terminate_backend); connections per user: {counts}",
-            gate="kill",
             destructive=True,
         )
-        ended = postgres_db.terminate_connections(conn, old)
+        ended = postgres_db.terminate_connections(conn, old, facts.seen["pids"])
     terminated[env] = ended
     ctx.log.info("terminated %s sessions of %s in %s", ended, old, env)
     return Wait(f"terminated connections of {old} to go in {env}", timeout=waits.drain * 2)
@@ -444,15 +452,6 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
     env = _env(ctx, env)
     old, database = _state(ctx, env)["old_username"], _state(ctx, env)["database"]
     new, owner_role = ctx.data["new_username"], ctx.data["owner_role"]
-    # Every environment that logs in to this server must be on the new user already.
-    users = {env: appcreds.app_secret(ctx, env=env)["username"]}
-    if env == ctx.env and not _compromised(ctx.params):
-        users.update({c: appcreds.app_secret(ctx, env=c)["username"] for c in _copies(ctx)})
-    behind = [e for e, user in users.items() if user != new]
-    if behind:
-        raise StepFailed(
-            f"refusing to retire {old}: AWSCURRENT in {', '.join(behind)} does not hold {new}"
-        )
     with admin(ctx, env) as conn:
         if not postgres_db.role_exists(conn, old):
             return Done(f"{env}: {old} is already gone")
@@ -460,14 +459,39 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
         if env == ctx.env and _copies(ctx) and not _compromised(ctx.params):
             carried = f"; the next restore carries this to {', '.join(_copies(ctx))}"
         heirs = [owner_role, new]
-        kept = postgres_grants.retire_preview(conn, old, owner_role, heirs)
-        ctx.approve(
-            f'Retire {old} in {env} ({database}): REASSIGN OWNED BY "{old}" TO '
-            f'"{owner_role}", DROP OWNED BY "{old}", DROP USER "{old}". AWSCURRENT holds '
-            f"{new}, which logs in{carried}{kept}",
-            gate="retire",
+
+        def read() -> Facts:
+            """Read now: the role, its sessions, who the secret names in this environment
+            and every environment restored from it (all must be on the new user), and what
+            of the old user's rights is carried over before DROP OWNED."""
+            present = [old] if postgres_db.role_exists(conn, old) else []
+            facts = appcreds.retire_facts(
+                ctx, old, present, len(postgres_db.session_pids(conn, old)), env=env
+            )
+            behind = [
+                where
+                for where, user in facts.seen["secret"].items()
+                if where.startswith("AWSCURRENT") and user != new
+            ]
+            if facts.refused is None and behind:
+                return Facts(
+                    facts.seen, f"refusing to retire {old}: {', '.join(behind)} does not hold {new}"
+                )
+            if present:
+                kept = postgres_grants.retire_preview(conn, old, owner_role, heirs)
+                return Facts({**facts.seen, "kept": kept}, facts.refused)
+            return facts
+
+        facts = ctx.act(
+            "retire",
+            read,
+            lambda f: f'Retire {old} in {env} ({database}): REASSIGN OWNED BY "{old}" TO '
+            f'"{owner_role}", DROP OWNED BY "{old}", DROP USER "{old}". '
+            f"{appcreds.holders(f)}; no sessions{carried}{f.seen.get('kept', '')}",
             destructive=True,
         )
+        if not facts.seen["accounts"]:
+            return Done(f"{env}: {old} is already gone")
         changes = postgres_grants.carry_over(conn, old, owner_role, heirs)
         changes += postgres_db.retire_user(
             conn,

@@ -553,11 +553,25 @@ def connections(conn: Connection) -> list[tuple[str, str, int]]:
 _TERMINATE_QUERY = """
     SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))
     FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()
+      AND (%s::int[] IS NULL OR pid = ANY(%s::int[]))
 """
 
 
-def terminate_connections(conn: Connection, user: str) -> int:
-    """Runbook "Force-kill connections for a user": returns how many backends ended."""
+def session_pids(conn: Connection, user: str) -> list[int]:
+    """Backend pids of `user`'s sessions (all databases), never the caller's own."""
+    query = """
+        SELECT pid FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()
+          AND (leader_pid IS NULL OR leader_pid = pid) ORDER BY pid
+    """
+    with _errors("session_pids"):
+        return [int(row[0]) for row in _rows(conn, query, (user,))]
+
+
+def terminate_connections(conn: Connection, user: str, pids: Sequence[int] | None = None) -> int:
+    """Runbook "Force-kill connections for a user": returns how many backends ended.
+
+    With `pids`, only those, and only while they still belong to `user` (one statement
+    checks and terminates)."""
     step = "terminate_connections"
     validate_role_name(user)
     if not role_exists(conn, user):
@@ -571,7 +585,8 @@ def terminate_connections(conn: Connection, user: str) -> int:
         if not _value(conn, "SELECT pg_has_role(current_user, 'pg_signal_backend', 'USAGE')"):
             for change in _make_admin_act_for(conn, user):
                 log.info("%s: %s", step, change)
-        ended = int(_value(conn, _TERMINATE_QUERY, (user,)))
+        only = None if pids is None else [int(p) for p in pids]
+        ended = int(_value(conn, _TERMINATE_QUERY, (user, only, only)))
     if ended:
         log.info("%s: ended %s sessions of %s", step, ended, user)
     return ended

@@ -7,6 +7,7 @@ boundaries (the log handler, the Slack reporter, the state store) pass text thro
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -17,12 +18,19 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 
 
+def _spellings(value: str) -> set[str]:
+    """The value, and how JSON and Python's repr escape it (quotes, backslashes, non-ASCII):
+    a secret written out escaped is still the secret."""
+    return {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1],
+            repr(value)[1:-1]}
+
+
 def register(*values: str | None) -> None:
-    """Remember values that must never be shown."""
+    """Remember values that must never be shown, however they are escaped."""
     with _lock:
         for value in values:
             if value and len(value) >= _MIN_LENGTH:
-                _secrets.add(value)
+                _secrets.update(_spellings(value))
 
 
 def redact(text: str) -> str:

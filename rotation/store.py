@@ -124,8 +124,33 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m2_bound_approvals(db: sqlite_utils.Database) -> None:
+    """Approvals bound to one exact action; requests (Roll back, Reactivate) in their own table,
+    so a step writing back its `data` can never overwrite one."""
+    db.executescript(
+        """
+        ALTER TABLE steps ADD COLUMN gate_digest TEXT;
+        ALTER TABLE steps ADD COLUMN gate_four_eyes INTEGER;
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rotation_id INTEGER NOT NULL REFERENCES rotations (id),
+            name TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            at REAL NOT NULL,
+            consumed_at REAL
+        );
+        CREATE UNIQUE INDEX one_open_request ON requests (rotation_id, name)
+            WHERE consumed_at IS NULL;
+        INSERT INTO requests (rotation_id, name, actor, at)
+            SELECT r.id, j.key, j.value, r.updated_at
+            FROM rotations r, json_each(r.data, '$._requests') j
+            WHERE r.status = 'active';
+        """
+    )
+
+
 # Numbered migrations: append, never edit. PRAGMA user_version records how many ran.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_bound_approvals]
 
 
 @dataclass(frozen=True)
@@ -157,6 +182,8 @@ class StepRow:
     hold_until: float | None
     reminded_at: float | None
     expired_at: float | None
+    gate_digest: str | None = None  # what the approval was shown (Context.approve's facts)
+    gate_four_eyes: int | None = None  # this gate needs an approver other than the starter
 
     @property
     def finished(self) -> bool:
@@ -236,9 +263,24 @@ _STEP_FIELDS = [f.name for f in fields(StepRow)]
 _ROTATION_FIELDS = [f.name for f in fields(RotationRow) if f.name != "steps"]
 
 
+def _holds_secret(value: Any) -> bool:
+    """True if any string in `value` (nested dicts and lists too) contains a secret.
+
+    Checked on the values themselves, before they become JSON: JSON escapes quotes,
+    backslashes and non-ASCII characters, and a secret holding one would slip past a
+    check of the JSON text."""
+    if isinstance(value, str):
+        return redact.contains_secret(value)
+    if isinstance(value, dict):
+        return any(_holds_secret(k) or _holds_secret(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_secret(v) for v in value)
+    return False
+
+
 def _guard(values: dict[str, Any]) -> None:
     for key, value in values.items():
-        if isinstance(value, str) and redact.contains_secret(value):
+        if _holds_secret(value):
             raise SecretInState(f"refused to store {key}: it contains a secret value")
 
 
@@ -315,6 +357,7 @@ class Store:
     def create_rotation(self, kind: str, target: str, env: str, initiator: str,
                         params: dict[str, Any], steps: list[tuple[str, str, bool]]) -> int:
         now = self.clock()
+        _guard({"params": params})
         row = {"kind": kind, "target": target, "env": env, "status": ACTIVE,
                "initiator": initiator, "params": json.dumps(params, sort_keys=True),
                "data": "{}", "created_at": now, "updated_at": now, "next_run_at": now}
@@ -338,9 +381,10 @@ class Store:
         return rotation_id
 
     def update_rotation(self, rotation_id: int, **values: Any) -> None:
+        _guard(values)
         if "data" in values:
             values["data"] = json.dumps(values["data"], sort_keys=True)
-        _guard(values)
+            _guard({"data": values["data"]})
         values["updated_at"] = self.clock()
         self.db.table("rotations").update(rotation_id, values)
 
@@ -402,6 +446,35 @@ class Store:
             cursor = db.execute("DELETE FROM locks WHERE name LIKE ? AND until < ?",
                                 [prefix.replace("%", "") + "%", expired_before])
             return cursor.rowcount
+
+    # -- requests: what a person asked a waiting step for (Roll back, Reactivate) -----------
+
+    def add_request(self, rotation_id: int, name: str, actor: str) -> str | None:
+        """Record a request; returns who asked already if one is still open (nothing added).
+
+        Call inside a transaction. Requests live apart from `rotations.data`, so a step
+        that writes back its copy of `data` cannot lose one."""
+        _guard({"name": name, "actor": actor})
+        row = self.db.execute("SELECT actor FROM requests WHERE rotation_id = ? AND name = ? "
+                              "AND consumed_at IS NULL", [rotation_id, name]).fetchone()
+        if row:
+            return str(row[0])
+        self.db.table("requests").insert({"rotation_id": rotation_id, "name": name,
+                                          "actor": actor, "at": self.clock()})
+        return None
+
+    def open_requests(self, rotation_id: int) -> dict[str, tuple[int, str, float]]:
+        """Open requests of a rotation: name -> (request id, who asked, when)."""
+        with self._lock:
+            rows = self.db.execute("SELECT id, name, actor, at FROM requests "
+                                   "WHERE rotation_id = ? AND consumed_at IS NULL ORDER BY id",
+                                   [rotation_id]).fetchall()
+        return {name: (int(i), actor, at) for i, name, actor, at in rows}
+
+    def consume_request(self, rotation_id: int, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE requests SET consumed_at = ? WHERE rotation_id = ? AND name = ? "
+                       "AND consumed_at IS NULL", [self.clock(), rotation_id, name])
 
     def get_kv(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()

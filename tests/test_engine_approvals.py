@@ -1,0 +1,128 @@
+"""Approvals bound to one exact action, on the engine alone (scripted kind, injected clock,
+real SQLite store): `Context.act` reads the facts before and after the gate, a changed action
+asks again, and retry, Ask again and failures spend a destructive approval and its notice."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import sqlite_utils
+
+from handlers import messages
+from rotation.engine import Context, Done, Outcome
+from rotation.errors import InvalidTransition, NotAllowed
+from rotation.facts import Facts
+from rotation.store import MIGRATIONS, Store
+from tests.test_engine import Notices, clock, make  # noqa: F401
+
+
+class World:
+    """What the scripted step reads: the IDs it would kill, and whether it must refuse."""
+
+    def __init__(self) -> None:
+        self.ids = [7, 8]
+        self.refused: str | None = None
+        self.acted: list[list[int]] = []
+        self.fail_after = False
+
+    def read(self) -> Facts:
+        return Facts({"ids": list(self.ids)}, self.refused)
+
+    def step(self, ctx: Context) -> Outcome:
+        facts = ctx.act("kill", self.read, lambda f: f"Kill {f.seen['ids']}", destructive=True)
+        self.acted.append(facts.seen["ids"])
+        if self.fail_after:
+            raise RuntimeError("the server went away half-way")
+        return Done("killed")
+
+
+def test_a_changed_action_is_asked_for_again(tmp_path, clock):  # noqa: F811
+    world = World()
+    engine, _ = make(tmp_path, clock, {"kill": world.step})
+    rid = engine.start("mysql", "signon", "staging", "alice").id
+    row = engine.advance(rid)
+    assert row.current.gate_summary == "Kill [7, 8]"
+    first = row.current
+    engine.approve(rid, "kill", "bob")
+    world.ids = [7, 8, 9]
+    row = engine.advance(rid)
+    assert row.current.status == "needs-approval" and world.acted == []
+    assert row.current.gate_summary.endswith("Kill [7, 8, 9]")
+    # A click on the message that showed [7, 8] does not approve [7, 8, 9].
+    text, blocks = messages.approval_request(row, first, first.gate_summary, True, "", False)
+    stale = json.loads(blocks[-1]["elements"][0]["value"])["shown"]
+    with pytest.raises(InvalidTransition, match="asks about something else now"):
+        engine.approve(rid, "kill", "bob", shown=stale)
+    engine.approve(rid, "kill", "bob")
+    assert engine.advance(rid).status == "done" and world.acted == [[7, 8, 9]]
+
+
+def test_a_failed_precondition_fails_the_step_and_does_nothing(tmp_path, clock):  # noqa: F811
+    world = World()
+    engine, _ = make(tmp_path, clock, {"kill": world.step})
+    rid = engine.start("mysql", "signon", "staging", "alice").id
+    engine.advance(rid)
+    engine.approve(rid, "kill", "bob")
+    world.refused = "7 belongs to someone else now"
+    row = engine.advance(rid)
+    assert row.current.status == "failed" and row.current.error == world.refused
+    assert world.acted == [] and row.current.decision is None
+
+
+def test_a_retry_after_a_failure_past_the_gate_needs_a_new_approval_and_notice(
+    tmp_path, clock  # noqa: F811
+):
+    world, notices = World(), Notices()
+    world.fail_after = True
+    engine, _ = make(tmp_path, clock, {"kill": world.step}, notices=notices)
+    rid = engine.start("mysql", "signon", "production", "alice").id
+    engine.advance(rid)
+    engine.approve(rid, "kill", "bob")
+    engine.advance(rid)  # notice posted, hold period
+    clock.advance(61)
+    row = engine.advance(rid)
+    assert row.current.status == "failed" and world.acted == [[7, 8]]
+    assert len(notices.posted) == 1
+    world.fail_after = False
+    engine.retry(rid, "alice")
+    row = engine.advance(rid)
+    assert row.current.status == "needs-approval" and world.acted == [[7, 8]]
+    engine.approve(rid, "kill", "bob")
+    engine.advance(rid)
+    assert len(notices.posted) == 2  # told again
+    clock.advance(61)
+    assert engine.advance(rid).status == "done" and world.acted == [[7, 8], [7, 8]]
+
+
+def test_a_gate_can_demand_a_second_person_in_any_environment(tmp_path, clock):  # noqa: F811
+    def step(ctx: Context) -> Outcome:
+        ctx.approve("run p with the admin's rights", gate="p", binds={"p": "abc"},
+                    four_eyes=True)
+        return Done("ok")
+
+    engine, _ = make(tmp_path, clock, {"p": step})
+    rid = engine.start("mysql", "signon", "staging", "alice").id
+    engine.advance(rid)
+    with pytest.raises(NotAllowed, match="second person"):
+        engine.approve(rid, "p", "alice")
+    engine.approve(rid, "p", "bob")
+    assert engine.advance(rid).status == "done"
+
+
+
+def test_the_migration_carries_open_requests_out_of_data(tmp_path, clock):  # noqa: F811
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(sqlite3.connect(path))
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.table("rotations").insert({
+        "kind": "secret", "target": "s", "env": "staging", "status": "active",
+        "initiator": "alice", "params": "{}",
+        "data": json.dumps({"_requests": {"rollback": "bob"}}), "created_at": 1,
+        "updated_at": 2})
+    db.conn.commit()
+    db.conn.close()
+    store = Store(path, clock=clock)
+    assert store.open_requests(1) == {"rollback": (1, "bob", 2.0)}
