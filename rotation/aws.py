@@ -24,7 +24,7 @@ def bounded_config() -> Config:
     """Timeouts and retries from `rotation.timeouts`: no call waits longer than aws_call()."""
     bounds = timeouts.BOUNDS
     return Config(connect_timeout=bounds.aws_connect, read_timeout=bounds.aws_read,
-                  retries={"mode": "standard", "max_attempts": bounds.aws_attempts})
+                  retries={"mode": "standard", "total_max_attempts": bounds.aws_attempts})
 
 
 def fenced_client(session: Any, service: str) -> Any:

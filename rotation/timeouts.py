@@ -50,7 +50,8 @@ class Bounds:
     def postgres_call(self) -> float:
         """libpq's connect_timeout covers the whole login; a statement ends at
         statement_timeout, or when keepalives find the peer gone."""
-        return max(self.db_connect, self.db_read + self.db_connect, self.keepalive_dead())
+        connect = max(2.0, self.db_connect)  # libpq's connect_timeout is 2 s at least
+        return max(connect, self.db_read + connect, self.keepalive_dead())
 
     def keepalive_dead(self) -> float:
         idle, interval, count = self.keepalives()
