@@ -145,11 +145,13 @@ def aws_write(operation: str) -> bool:
     return not operation.startswith(_READ_OPERATIONS)
 
 
-def guard_aws(model: Any = None, **_: Any) -> None:
+def guard_aws(model: Any = None, params: Any = None, **_: Any) -> None:
     """botocore `before-call` handler: guard every AWS operation that may change something."""
     name = getattr(model, "name", "")
     if name and aws_write(name):
-        guard(f"call AWS {name}")
+        body = params.get("body") if isinstance(params, dict) else None
+        status = body.get("Status") if isinstance(body, dict) else None
+        guard(f"call AWS {name}" + (f" {status}" if isinstance(status, str) else ""))
 
 
 # Statements that read or only set up the session. Anything else changes something.
@@ -178,4 +180,12 @@ def guard_sql(statement: Any) -> None:
     """Guard one SQL statement about to be sent (str, bytes or a psycopg `sql.Composed`)."""
     text = statement if isinstance(statement, str | bytes) else str(statement)
     if sql_writes(text):
-        guard("run a SQL statement that changes something")
+        guard(f"run {_head(text)}")
+
+
+def _head(statement: str | bytes) -> str:
+    """What a statement does, for the log: its first two words (never a value)."""
+    text = statement.decode("utf-8", "replace") if isinstance(statement, bytes) else statement
+    if any(function in text.lower() for function in _ACTING_FUNCTIONS):
+        return "pg_terminate_backend"
+    return " ".join(text.split()[:2]).upper().strip("(`'\"")
