@@ -30,7 +30,7 @@ from rotation.engine import LEASE_SECONDS
 from rotation.errors import RotorError
 from tests.faults import FaultWorld, Killed, Worker, make_world
 
-KINDS = ("mysql", "postgres", "iam-key")
+KINDS = ("mysql", "postgres", "iam-key", "secret")
 PEOPLE = st.sampled_from(["alice", "bob", "carol"])  # alice starts every rotation
 
 # Totals over every example this process ran (benchmarks/soak.py prints them).
@@ -253,7 +253,7 @@ class RotationMachine(RuleBasedStateMachine):
         self.referee.aws_faults = [fault] * calls
         self.advance(index)
 
-    @precondition(lambda self: self.KIND in ("mysql", "postgres"))
+    @precondition(lambda self: self.KIND in ("mysql", "postgres", "secret"))
     @rule()
     def a_database_connection_drops_mid_statement(self) -> None:
         TALLY["rule a_database_connection_drops_mid_statement"] += 1

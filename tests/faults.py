@@ -290,8 +290,12 @@ class FaultWorld:
             os.environ[key] = value
 
     def open(self) -> None:
-        logging.getLogger().addHandler(self.logs)
-        self.stack.callback(logging.getLogger().removeHandler, self.logs)
+        for name in ("rotor", "rotation", "bot", "handlers"):  # Rotor's own loggers
+            logger = logging.getLogger(name)
+            self.stack.callback(logger.setLevel, logger.level)
+            self.stack.callback(logger.removeHandler, self.logs)
+            logger.addHandler(self.logs)
+            logger.setLevel(logging.DEBUG)
         self.stack.enter_context(watching(self.referee))
 
     def close(self) -> None:
@@ -492,7 +496,54 @@ class IamWorld(FaultWorld):
         return True
 
 
+class SecretWorld(DatabaseWorld):
+    """secret: the MySQL rig's app secret with AWS's alternating-users rotation function,
+    an ECS service and the Kubernetes consumers (as tests/test_managed_secret.py sets up)."""
+
+    aws_services = ("secretsmanager", "ecs")
+
+    def __init__(self, workdir: Path) -> None:
+        import pytest
+
+        from tests.rig import EcsDeployments, RotationLambda
+        from tests.test_managed_secret import AlternatingUsers
+
+        super().__init__(workdir, "mysql")
+        self.kind = "secret"
+        patch = pytest.MonkeyPatch()
+        self.stack.callback(patch.undo)
+        world = self.rig
+        function = RotationLambda(world.moto, f"{world.app}-rotate", AlternatingUsers(world))
+        function.install(patch)
+        self.stack.callback(function.stop)
+        EcsDeployments(self.clock).install(patch)
+        ecs = world.client("ecs")
+        cluster = f"{world.app}-cluster"
+        ecs.create_cluster(clusterName=cluster)
+        ecs.register_task_definition(family=world.app, containerDefinitions=[
+            {"name": "app", "image": "app:1", "memory": 128}])
+        ecs.create_service(cluster=cluster, serviceName="web", taskDefinition=world.app,
+                           desiredCount=2)
+        world.sm().rotate_secret(SecretId=world.secret_id(), RotationLambdaARN=function.arn,
+                                 RotationRules={"AutomaticallyAfterDays": 30})
+        function.idle()
+        config = json.loads(world.config_path.read_text())
+        config["secrets"] = {world.secret_id(): {"rollback_minutes": 30, "environments": {
+            "staging": {"external_secrets": [world.external_secret],
+                        "deployments": [world.app],
+                        "ecs_services": [{"cluster": cluster, "service": "web"}]},
+            "production": {"external_secrets": [world.external_secret],
+                           "deployments": [world.app]}}}}
+        world.config_path.write_text(json.dumps(config, indent=2))
+        self.before = self.rig.users()
+
+    def target(self) -> str:
+        return self.rig.secret_id()
+
+
 def make_world(kind: str, workdir: Path) -> FaultWorld:
+    if kind == "secret":
+        return SecretWorld(workdir)
     if kind in ("mysql", "postgres"):
         return DatabaseWorld(workdir, kind)
     if kind == "iam-key":
