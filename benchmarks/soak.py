@@ -2,6 +2,8 @@
 
     python benchmarks/soak.py --minutes 20 --seed 1234 [--kinds mysql,postgres,iam-key]
 
+    python benchmarks/soak.py --replay mysql:1234   # one round a test printed, shrunk
+
 Runs examples of each kind in turn, each round from a seed drawn from `--seed` (printed, so
 a round replays alone with `--seed <round seed> --rounds 1 --kinds <kind>`), until the time
 is up. Prints the examples run, the faults injected by type, and the invariant violations,
@@ -12,7 +14,9 @@ what was just verified" (issue 9) makes hold are counted apart, as pending.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import random
 import sys
 import time
@@ -32,9 +36,12 @@ def main() -> int:
     parser.add_argument("--kinds", default=",".join(fault_machine.KINDS))
     parser.add_argument("--examples", type=int, default=2, help="examples per round")
     parser.add_argument("--rounds", type=int, default=0, help="stop after this many (0: time)")
+    parser.add_argument("--replay", metavar="KIND:SEED",
+                        help="run the one round a test printed, and shrink what fails")
     parser.add_argument("--issue-9", action="store_true",
                         help="also let a person move AWSCURRENT back by hand")
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack
     base = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     seeds = random.Random(base)
     kinds = args.kinds.split(",")
@@ -42,10 +49,14 @@ def main() -> int:
     print(f"soak: seed {base}, {args.minutes} min, kinds {', '.join(kinds)}", flush=True)
     deadline = time.monotonic() + args.minutes * 60
     started, rounds, failed = time.monotonic(), 0, 0
+    if args.replay:
+        kind, _, replay_seed = args.replay.partition(":")
+        kinds, args.rounds, deadline = [kind], 1, float("inf")
     while time.monotonic() < deadline and (not args.rounds or rounds < args.rounds):
         kind = kinds[rounds % len(kinds)]
-        round_seed = seeds.randrange(2**32)
+        round_seed = int(replay_seed) if args.replay else seeds.randrange(2**32)
         rounds += 1
+        print(f"round {rounds}: {kind} seed {round_seed} ...", flush=True)
         try:
             fault_machine.run(kind, round_seed, args.examples, issue_9=args.issue_9)
             outcome = "ok"

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, seed, settings
+from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -295,9 +295,11 @@ def machine(kind: str, *, issue_9: bool = False) -> type[RotationMachine]:
 
 
 def run(kind: str, seed_value: int, examples: int, steps: int = 25, *,
-        issue_9: bool = False) -> None:
-    """Run `examples` examples of `kind` from `seed_value`; raise on a violated invariant."""
+        issue_9: bool = False, shrink: bool = True) -> None:
+    """Run `examples` examples of `kind` from `seed_value`; raise on a violated invariant,
+    with the (shrunk) sequence of actions that replays it."""
     factory = seed(seed_value)(machine(kind, issue_9=issue_9))
+    phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
     run_state_machine_as_test(factory, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
-        print_blob=True, derandomize=False, suppress_health_check=list(HealthCheck)))
+        print_blob=True, phases=phases, suppress_health_check=list(HealthCheck)))

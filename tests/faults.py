@@ -337,7 +337,7 @@ class DatabaseWorld(FaultWorld):
         self.rig: Rig = self.stack.enter_context(rig(engine, workdir, clock=self.clock))
         self.set_env({k: v for k, v in self.rig.env().items()
                       if k.startswith(("AWS_", "ROTOR_", "KUBECONFIG"))})
-        self.before = self.rig.users()
+        self.before = self._logins()
         self.referee.drop_connection = self._drop_admin_connections
         self.open()
 
@@ -371,8 +371,17 @@ class DatabaseWorld(FaultWorld):
             return f"AWSCURRENT does not log in: {type(exc).__name__}"
         return None
 
+    def _logins(self) -> set[str]:
+        """Users that can log in (PostgreSQL's owner role is a group, not a user)."""
+        if self.kind == "postgres":
+            with self.rig.box.root() as conn:
+                return {r[0] for r in conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname LIKE %s",
+                    (self.rig.box.prefix + "%",))}
+        return self.rig.users()
+
     def made(self) -> set[str]:
-        return self.rig.users() - self.before
+        return self._logins() - self.before
 
     def secrets(self) -> list[str]:
         sm = self.rig.sm()
@@ -535,7 +544,7 @@ class SecretWorld(DatabaseWorld):
             "production": {"external_secrets": [world.external_secret],
                            "deployments": [world.app]}}}}
         world.config_path.write_text(json.dumps(config, indent=2))
-        self.before = self.rig.users()
+        self.before = self._logins()
 
     def target(self) -> str:
         return self.rig.secret_id()
