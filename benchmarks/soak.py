@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
-import signal
 import random
+import signal
 import sys
 import time
 import traceback
