@@ -43,7 +43,7 @@ DESTRUCTIVE = re.compile(r"DROP USER|DROP ROLE|DROP OWNED|REASSIGN OWNED|^run KI
                          r"pg_terminate_backend|DeleteAccessKey|UpdateAccessKey Inactive")
 # Invariants whose violations come from gaps "Act only on what was just verified" (issue 9)
 # closes: reported apart, so this suite is green before that lands. Empty it when it has.
-AWAITING_ISSUE_9 = {"approval-reused", "current-after-manual-move", "cleanup-locks-out"}
+AWAITING_ISSUE_9 = {"approval-reused", "current-after-manual-move"}
 
 
 class Killed(BaseException):
