@@ -9,7 +9,7 @@ $(BIN)/rotor: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: run test test-under-load lint format bench
+.PHONY: run test test-under-load lint format bench soak
 run: $(BIN)/rotor
 	$(BIN)/rotor serve
 
@@ -30,3 +30,8 @@ format: $(BIN)/rotor
 
 bench: $(BIN)/rotor
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+# `make soak MINUTES=20 SEED=1234`: the fault-injection machine for that long (tests/fault_machine.py).
+MINUTES ?= 1
+soak: $(BIN)/rotor
+	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES) $(if $(SEED),--seed $(SEED))

@@ -65,9 +65,8 @@ def second_line_for_cli(settings: Settings, told: str | None = None,
     """With a bot token the CLI tells 2nd line through Slack; without, the operator does."""
     if not settings.slack_bot_token:
         return OperatorSecondLine(told, ask)
-    from slack_sdk import WebClient
+    from bot.slack import web_client
 
-    client = WebClient(token=settings.slack_bot_token,
-                       base_url=settings.slack_api_url or WebClient.BASE_URL)
+    client = web_client(settings.slack_bot_token, settings.slack_api_url)
     slack = settings.catalogue.slack
     return SlackSecondLine(client, slack.second_line_channel, slack.second_line_group)

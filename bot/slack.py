@@ -19,6 +19,7 @@ from slack_sdk.http_retry.builtin_handlers import (
     RateLimitErrorRetryHandler,
 )
 
+from rotation import timeouts
 from rotation.errors import NotAllowed
 
 log = logging.getLogger("rotor.slack")
@@ -44,13 +45,35 @@ class ConnectionRetry(ConnectionErrorRetryHandler):
         return True
 
 
-def web_client(token: str | None, base_url: str | None, *, timeout: int = 10) -> WebClient:
-    """A Web API client for `base_url` (SLACK_API_URL), retrying 429s and dropped connections."""
+class BoundedRateLimitRetry(RateLimitErrorRetryHandler):
+    """slack_sdk's 429 retries, sleeping in the calling thread only for a short Retry-After:
+    a longer one fails the call, so no call outlives its bound (`rotation.timeouts`)."""
+
+    def __init__(self, max_retry_count: int, max_wait: float) -> None:
+        super().__init__(max_retry_count=max_retry_count)
+        self.max_wait = max_wait
+
+    def _can_retry(self, *, state: Any, request: Any, response: Any = None,
+                   error: Exception | None = None) -> bool:
+        if not super()._can_retry(state=state, request=request, response=response, error=error):
+            return False
+        headers = {k.lower(): v for k, v in (response.headers or {}).items()}
+        wait = (headers.get("retry-after") or ["1"])[0]
+        return str(wait).isdigit() and int(wait) + 1 <= self.max_wait
+
+
+def web_client(token: str | None, base_url: str | None, *,
+               timeout: float | None = None) -> WebClient:
+    """A Web API client for `base_url` (SLACK_API_URL), retrying 429s and dropped connections,
+    every call bounded (`rotation.timeouts`)."""
+    bounds = timeouts.BOUNDS
     url = base_url or WebClient.BASE_URL
+    retries = bounds.slack_attempts - 1
     return WebClient(token=token, base_url=url if url.endswith("/") else url + "/",
-                     timeout=timeout,
-                     retry_handlers=[ConnectionRetry(max_retry_count=2),
-                                     RateLimitErrorRetryHandler(max_retry_count=3)])
+                     timeout=int(timeout or bounds.slack),
+                     retry_handlers=[ConnectionRetry(max_retry_count=retries),
+                                     BoundedRateLimitRetry(retries,
+                                                           bounds.slack_max_retry_after)])
 
 
 class GroupMembers:

@@ -13,18 +13,16 @@ databases come in through `clients`, and 2nd line is told through a `SecondLine`
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from rotation import redact
+from rotation import fence, redact, timeouts
 from rotation.catalogue import Catalogue
 from rotation.errors import (
     InvalidTransition,
+    LeaseLost,
     NotAllowed,
     RotorError,
     StepFailed,
@@ -40,11 +38,12 @@ from rotation.store import (
     StepRow,
     Store,
     holder_is_dead,
+    process_identity,
 )
 
 log = logging.getLogger("rotor.engine")
 
-LEASE_SECONDS = 120
+LEASE_SECONDS = timeouts.LEASE_SECONDS
 SYSTEM = "rotor"
 GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
 
@@ -304,7 +303,10 @@ class Engine:
         self.clients = clients
         self.second_line = second_line
         self.clock = clock or store.clock
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worker_id = process_identity()
+        # The lease is renewed this often while a step runs (None: only at side effects).
+        self.heartbeat: float | None = timeouts.HEARTBEAT_SECONDS
+        timeouts.check(timeouts.BOUNDS, LEASE_SECONDS, timeouts.HEARTBEAT_SECONDS)
         self.on_change: Callable[[int], None] = lambda rotation_id: None
 
     # -- starting ---------------------------------------------------------------------
@@ -361,27 +363,40 @@ class Engine:
 
     def advance(self, rotation_id: int) -> RotationRow:
         """Run the rotation's steps as far as they go now. Safe to call from any process."""
-        if not self.store.claim(rotation_id, self.worker_id, self.clock() + LEASE_SECONDS,
-                                is_stale=holder_is_dead):
+        token = self.store.claim(rotation_id, self.worker_id, self.clock() + LEASE_SECONDS,
+                                 is_stale=holder_is_dead)
+        if token is None:
             return self.store.rotation(rotation_id)
+        lease = fence.Lease(self.store, rotation_id, self.worker_id, token,
+                            seconds=LEASE_SECONDS, clock=self.clock)
         try:
-            while True:
-                rotation = self.store.rotation(rotation_id)
-                if rotation.status != ACTIVE:
-                    return rotation
-                if rotation.cancel_requested_by:
-                    self._cancel_now(rotation)
-                    continue
-                step = rotation.current
-                if step is None:
-                    self._finish(rotation)
-                    continue
-                if not self._runnable(step):
-                    self._schedule(rotation)
-                    return self.store.rotation(rotation_id)
-                self._run_step(rotation, step)
+            with lease.held(self.heartbeat):
+                return self._advance(rotation_id, lease)
+        except LeaseLost as exc:
+            # Another worker has the rotation now; what this one had not done stays undone.
+            log.warning("advance: #%s %s", rotation_id, exc)
+            return self.store.rotation(rotation_id)
         finally:
-            self.store.release(rotation_id, self.worker_id)
+            self.store.release(rotation_id, self.worker_id, token)
+
+    def _advance(self, rotation_id: int, lease: fence.Lease) -> RotationRow:
+        while True:
+            rotation = self.store.rotation(rotation_id)
+            if rotation.status != ACTIVE:
+                return rotation
+            if rotation.cancel_requested_by:
+                lease.step = "cancel"
+                self._cancel_now(rotation)
+                continue
+            step = rotation.current
+            if step is None:
+                self._finish(rotation)
+                continue
+            if not self._runnable(step):
+                self._schedule(rotation)
+                return self.store.rotation(rotation_id)
+            lease.step = step.name
+            self._run_step(rotation, step)
 
     def _runnable(self, step: StepRow) -> bool:
         if step.status in ("pending", "running"):
@@ -427,6 +442,8 @@ class Engine:
     def _run_definition(self, ctx: Context, definition: Step) -> None:
         try:
             outcome = definition.run(ctx)
+        except LeaseLost:
+            raise  # another worker has the rotation: write nothing, not even the failure
         except _NeedsApproval as need:
             self._ask(ctx, need)
         except _Pause as pause:
@@ -529,6 +546,7 @@ class Engine:
             if self.second_line is None:
                 raise StepFailed("2nd line must be told before this destructive step, and no "
                                  "notifier is configured (set SLACK_BOT_TOKEN)")
+            fence.guard("post the 2nd line notice")
             try:
                 where = self.second_line.notify(ctx.rotation, step, summary,
                                                 step.decided_by or "?")

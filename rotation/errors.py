@@ -47,5 +47,9 @@ class NotAllowed(RotorError):
     """The person may not do that (start, approve, or approve their own rotation)."""
 
 
+class LeaseLost(RotorError):
+    """Another worker took the rotation over; this one stopped without acting."""
+
+
 class InvalidTransition(RotorError):
     """The rotation or step is not in a state that allows the operation."""

@@ -28,7 +28,7 @@ import kubernetes
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from rotation import redact
+from rotation import fence, redact, timeouts
 from rotation.errors import KubeError
 
 ESO_GROUP = "external-secrets.io"
@@ -107,11 +107,12 @@ class Kube:
         api_client: kubernetes.client.ApiClient,
         *,
         eso_api_version: str = "v1",
-        timeout: float = 30.0,
+        timeout: float | tuple[float, float] | None = None,
     ) -> None:
         self.api_client = api_client
         self.eso_api_version = eso_api_version
-        self.timeout = timeout
+        # (connect, read) on every call: see rotation.timeouts.
+        self.timeout = timeout or (timeouts.BOUNDS.kube_connect, timeouts.BOUNDS.kube_read)
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._apps = kubernetes.client.AppsV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
@@ -138,12 +139,16 @@ class Kube:
                 where = "the in-cluster service account"
                 configuration = kubernetes.client.Configuration()
                 kubernetes.config.load_incluster_config(client_configuration=configuration)
-                api_client = kubernetes.client.ApiClient(configuration)
             else:
+                configuration = kubernetes.client.Configuration()
                 # persist_config=False: a bot must not rewrite a person's kubeconfig file.
-                api_client = kubernetes.config.new_client_from_config(
-                    config_file=config_file, context=context, persist_config=False
+                kubernetes.config.load_kube_config(
+                    config_file=config_file, context=context,
+                    client_configuration=configuration, persist_config=False,
                 )
+            # urllib3 would retry a timed-out GET three times: bound the attempts too.
+            configuration.retries = timeouts.BOUNDS.kube_attempts - 1
+            api_client = kubernetes.client.ApiClient(configuration)
         except (kubernetes.config.ConfigException, OSError, ValueError) as exc:
             detail = _one_line(str(exc)) or type(exc).__name__
             raise KubeError(f"cannot load Kubernetes config for {where}: {detail}") from None
@@ -184,6 +189,7 @@ class Kube:
         """Runbook "Force sync of Kubernetes secrets":
         `kubectl annotate externalsecrets NAME force-sync=EPOCH --overwrite`."""
         body = {"metadata": {"annotations": {FORCE_SYNC_ANNOTATION: str(epoch)}}}
+        fence.guard(f"annotate ExternalSecret {namespace}/{name}")
         with _api_errors(f"ExternalSecret {namespace}/{name}", "annotate", self._eso_api):
             self._custom.patch_namespaced_custom_object(
                 ESO_GROUP,
@@ -320,6 +326,7 @@ class Kube:
                 "template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at.isoformat()}}}
             }
         }
+        fence.guard(f"restart Deployment {namespace}/{name}")
         with _api_errors(f"Deployment {namespace}/{name}", "restart"):
             self._apps.patch_namespaced_deployment(
                 name,

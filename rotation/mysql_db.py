@@ -32,6 +32,7 @@ import pymysql
 from pymysql.charset import charset_by_name
 from pymysql.connections import Connection
 
+from rotation import fence, timeouts
 from rotation.errors import ConfigError, DatabaseError, InvalidIdentifier, UnknownName
 from rotation.facts import body_digest
 from rotation.mysql_grants import (  # noqa: F401 - names callers reach through this module
@@ -146,15 +147,28 @@ def _tls_context(mode: TlsMode, ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
-def connect(ep: Endpoint, *, timeout: float = 5) -> Connection:
-    """Log in to `ep` with autocommit on and TLS settled explicitly (never "preferred")."""
+class FencedConnection(Connection):
+    """A pymysql connection that checks the worker's lease before a statement that changes
+    something (every statement, however it is sent, goes through `query`)."""
+
+    def query(self, sql: str | bytes, unbuffered: bool = False) -> int:
+        fence.guard_sql(sql)
+        return int(super().query(sql, unbuffered))
+
+
+def connect(ep: Endpoint, *, timeout: float | None = None) -> Connection:
+    """Log in to `ep` with autocommit on and TLS settled explicitly (never "preferred").
+
+    Every socket operation is bounded: connect_timeout covers only the TCP connect, so the
+    read and write timeouts bound the handshake and every statement after it."""
+    bounds = timeouts.BOUNDS
     tls: dict[str, Any]
     if ep.tls == "disabled":
         tls = {"ssl_disabled": True}
     else:
         tls = {"ssl": _tls_context(ep.tls, ep.ca_file)}
     try:
-        return pymysql.connect(
+        return FencedConnection(
             host=ep.host,
             port=ep.port,
             user=ep.user,
@@ -162,7 +176,9 @@ def connect(ep: Endpoint, *, timeout: float = 5) -> Connection:
             database=ep.database,
             charset="utf8mb4",
             autocommit=True,
-            connect_timeout=timeout,
+            connect_timeout=timeout or bounds.db_connect,
+            read_timeout=bounds.db_read,
+            write_timeout=bounds.db_write,
             **tls,
         )
     except pymysql.err.MySQLError as exc:

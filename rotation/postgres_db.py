@@ -30,6 +30,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import TupleRow, tuple_row
 
+from rotation import fence, timeouts
 from rotation.errors import ConfigError, DatabaseError, InvalidIdentifier, StepFailed
 from rotation.redact import redact, register
 
@@ -90,13 +91,43 @@ class Report:
 # -- connections and small helpers ------------------------------------------------------
 
 
+class FencedCursor(psycopg.Cursor[Any]):
+    """A cursor that checks the worker's lease before a statement that changes something
+    (`Connection.execute` and `Connection.cursor` both make their cursors from this)."""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        fence.guard_sql(_text(query, self.connection))
+        return super().execute(query, params, **kwargs)
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        fence.guard_sql(_text(query, self.connection))
+        super().executemany(query, params_seq, **kwargs)
+
+
+def _text(query: Any, conn: Connection) -> str | bytes:
+    if isinstance(query, str | bytes):
+        return query
+    return str(query.as_string(conn))
+
+
 def connect(
-    ep: Endpoint, *, database: str | None = None, timeout: float = 5, lock_timeout: float = 10
+    ep: Endpoint, *, database: str | None = None, timeout: float | None = None,
+    lock_timeout: float | None = None,
 ) -> Connection:
     """Log in as ep.user (autocommit). `lock_timeout` keeps ownership changes from queueing
-    behind an app's long transaction and blocking everyone else while they wait."""
+    behind an app's long transaction and blocking everyone else while they wait.
+
+    Every call is bounded (`rotation.timeouts`): connect_timeout covers the whole login,
+    statement_timeout every statement, and TCP keepalives a server that went away."""
+    bounds = timeouts.BOUNDS
+    timeout = timeout or bounds.db_connect
+    lock_timeout = lock_timeout or bounds.db_lock
+    idle, interval, count = bounds.keepalives()
     dbname = database or ep.database
-    params: dict[str, Any] = {"sslmode": _SSLMODE[ep.tls]}
+    params: dict[str, Any] = {"sslmode": _SSLMODE[ep.tls], "keepalives": 1,
+                              "keepalives_idle": idle, "keepalives_interval": interval,
+                              "keepalives_count": count,
+                              "tcp_user_timeout": int(bounds.keepalive_dead() * 1000)}
     if ep.ca_file:
         params["sslrootcert"] = ep.ca_file
     try:
@@ -109,6 +140,7 @@ def connect(
             autocommit=True,
             connect_timeout=max(2, round(timeout)),
             application_name="rotor",
+            cursor_factory=FencedCursor,
             **params,
         )
     except psycopg.Error as exc:
@@ -118,7 +150,9 @@ def connect(
         ) from None
     try:
         conn.execute(
-            "SELECT set_config('lock_timeout', %s, false)", (f"{int(lock_timeout * 1000)}ms",)
+            "SELECT set_config('lock_timeout', %s, false),"
+            " set_config('statement_timeout', %s, false)",
+            (f"{int(lock_timeout * 1000)}ms", f"{int(bounds.db_read * 1000)}ms"),
         )
     except psycopg.Error as exc:
         conn.close()

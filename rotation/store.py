@@ -14,6 +14,7 @@ import os
 import socket
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -23,8 +24,8 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils.db import quote_identifier
 
-from rotation import redact
-from rotation.errors import RotationConflict, RotorError, UnknownName
+from rotation import fence, redact
+from rotation.errors import LeaseLost, RotationConflict, RotorError, UnknownName
 
 ACTIVE = "active"
 DONE = "done"
@@ -149,8 +150,17 @@ def _m2_bound_approvals(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m3_fencing_token(db: sqlite_utils.Database) -> None:
+    """Every claim of a rotation's lease bumps its token; a worker's writes carry it."""
+    db.execute("ALTER TABLE rotations ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0")
+
+
 # Numbered migrations: append, never edit. PRAGMA user_version records how many ran.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_bound_approvals]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _m1_initial,
+    _m2_bound_approvals,
+    _m3_fencing_token,
+]
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,7 @@ class RotationRow:
     lease_until: float | None
     cancel_requested_by: str | None
     steps: tuple[StepRow, ...] = ()
+    lease_token: int = 0
 
     @property
     def current(self) -> StepRow | None:
@@ -284,23 +295,60 @@ def _guard(values: dict[str, Any]) -> None:
             raise SecretInState(f"refused to store {key}: it contains a secret value")
 
 
-def _pid_alive(pid: int) -> bool:
+def _read(path: str) -> str | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (None: no such process)."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22; the name in (...) may hold spaces
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "-"
+
+
+def process_identity() -> str:
+    """Who this process is, in a form another process can check: "host:pid:instance:proof".
+
+    A hostname and a pid alone do not name a process: two containers may share a hostname
+    and both run Rotor as pid 1. The proof says which kernel boot and pid namespace the pid
+    belongs to and when that process started, so `holder_is_dead` only judges pids it can
+    see and only a process that is really gone; the random instance tells apart workers
+    (engines) in one process.
+    """
+    boot = (_read("/proc/sys/kernel/random/boot_id") or "-")[:13]
+    start = _start_time(os.getpid()) or "-"
+    return (f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:"
+            f"{boot}.{_pid_namespace()}.{start}")
 
 
 def holder_is_dead(holder: str) -> bool:
-    """A lease or lock held by a process on this host that no longer exists is free to take.
+    """A lease or lock whose holder process is provably gone is free to take now.
 
-    Holders are named "host:pid:..." (see Engine.worker_id)."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+    Provably: the holder names this kernel boot and this pid namespace (see
+    `process_identity`), and its pid no longer exists or now belongs to a process that
+    started at another time. Anything else (another host, another container, an old-style
+    name, no /proc) is left alone until its lease runs out.
+    """
+    parts = holder.split(":")
+    if len(parts) < 4 or not parts[1].isdigit():
+        return False
+    boot, _, rest = parts[3].partition(".")
+    namespace, _, started = rest.partition(".")
+    mine = process_identity().split(":")[3].split(".")
+    if "-" in (boot, namespace, started) or [boot, namespace] != mine[:2]:
+        return False
+    return _start_time(int(parts[1])) != started
 
 
 class Store:
@@ -330,11 +378,24 @@ class Store:
             return len(MIGRATIONS)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
-        """BEGIN IMMEDIATE so concurrent writers queue instead of failing half-way."""
+    def transaction(self, *, fenced: bool = True) -> Iterator[sqlite_utils.Database]:
+        """BEGIN IMMEDIATE so concurrent writers queue instead of failing half-way.
+
+        A worker that holds a rotation's lease (`rotation.fence`) writes only while its
+        fencing token is still the rotation's: the first statement compare-and-sets it, and
+        the transaction rolls back with LeaseLost when another worker has claimed since.
+        BEGIN IMMEDIATE holds the write lock from there to COMMIT, so no claim can slip in.
+        """
+        lease = fence.current() if fenced else None
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                if lease is not None and self.db.execute(
+                        "UPDATE rotations SET lease_token = lease_token WHERE id = ? "
+                        "AND lease_owner = ? AND lease_token = ?",
+                        [lease.rotation_id, lease.owner, lease.token]).rowcount != 1:
+                    raise LeaseLost(f"rotation #{lease.rotation_id}: lease lost; "
+                                    "nothing written")
                 yield self.db
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -409,24 +470,45 @@ class Store:
         return cursor.rowcount == 1
 
     def claim(self, rotation_id: int, owner: str, until: float, *,
-              is_stale: Callable[[str], bool] = holder_is_dead) -> bool:
-        """Take the rotation's lease: free, expired, ours, or held by a dead process."""
-        with self.transaction() as db:
-            row = db.execute("SELECT lease_owner, lease_until FROM rotations WHERE id = ?",
-                             [rotation_id]).fetchone()
-            if row is None:
-                return False
-            holder, held_until = row
-            if holder and holder != owner and held_until > self.clock() and not is_stale(holder):
-                return False
-            db.execute("UPDATE rotations SET lease_owner = ?, lease_until = ? WHERE id = ?",
-                       [owner, until, rotation_id])
-            return True
+              is_stale: Callable[[str], bool] = holder_is_dead) -> int | None:
+        """Take the rotation's lease if it is free, expired, or held by a dead process.
 
-    def release(self, rotation_id: int, owner: str) -> None:
-        with self.transaction() as db:
+        Returns the new fencing token (bumped at every claim), or None. A live lease is
+        never taken, not even by its own owner: one engine's two threads must not both run
+        a rotation (a cancel clicked while the worker runs leaves it to the worker).
+        """
+        with self.transaction(fenced=False) as db:
+            row = db.execute("SELECT lease_owner, lease_until, lease_token FROM rotations "
+                             "WHERE id = ?", [rotation_id]).fetchone()
+            if row is None:
+                return None
+            holder, held_until, token = row
+            if holder and held_until > self.clock() and not is_stale(holder):
+                return None
+            db.execute("UPDATE rotations SET lease_owner = ?, lease_until = ?, "
+                       "lease_token = ? WHERE id = ?", [owner, until, token + 1, rotation_id])
+            return int(token + 1)
+
+    def renew(self, rotation_id: int, owner: str, token: int, until: float) -> bool:
+        """Extend a lease, compare-and-set: only while `owner` still holds `token`."""
+        with self.transaction(fenced=False) as db:
+            return db.execute("UPDATE rotations SET lease_until = ? WHERE id = ? "
+                              "AND lease_owner = ? AND lease_token = ?",
+                              [until, rotation_id, owner, token]).rowcount == 1
+
+    def lease_holder(self, rotation_id: int) -> str:
+        """Who holds the rotation's lease now, and with which token (for log lines)."""
+        with self._lock:
+            row = self.db.execute("SELECT lease_owner, lease_token FROM rotations WHERE id = ?",
+                                  [rotation_id]).fetchone()
+        return f"{row[0] or 'nobody'} (token {row[1]})" if row else "nobody"
+
+    def release(self, rotation_id: int, owner: str, token: int | None = None) -> None:
+        """Give the lease up, if this claim still holds it."""
+        with self.transaction(fenced=False) as db:
             db.execute("UPDATE rotations SET lease_owner = NULL, lease_until = NULL "
-                       "WHERE id = ? AND lease_owner = ?", [rotation_id, owner])
+                       "WHERE id = ? AND lease_owner = ? AND lease_token = COALESCE(?, "
+                       "lease_token)", [rotation_id, owner, token])
 
     def try_lock(self, name: str, owner: str, until: float, *,
                  is_stale: Callable[[str], bool] = holder_is_dead) -> bool:

@@ -417,15 +417,16 @@ def test_audit_is_append_only_and_migrations_run_once(tmp_path, clock):
 
 
 def test_locks_of_dead_processes_are_taken_at_once_and_old_ones_pruned(tmp_path, clock):
-    import socket
     import subprocess
     import sys
 
+    from rotation.store import process_identity
+
     store = Store(tmp_path / "s.db", clock=clock)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    dead = f"{socket.gethostname()}:{gone}:abc"
-    alive = f"{socket.gethostname()}:{__import__('os').getpid()}:def"
+    dead = subprocess.run([sys.executable, "-c", "from rotation.store import process_identity; "
+                           "print(process_identity())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    alive = process_identity()
     assert store.try_lock("slack-reporter", dead, clock() + 60)
     assert store.try_lock("slack-reporter", "me", clock() + 60)  # its holder died: taken now
     assert not store.try_lock("slack-reporter", alive, clock() + 60)  # a live holder keeps it

@@ -1,0 +1,134 @@
+"""Randomized, model-based fault injection over real rotations (tests/fault_machine.py).
+
+CI runs a few examples of each kind from a fixed seed, and a few from a random seed printed
+at the start. A failure prints the sequence of actions and its seed; shrinking real rotations
+takes minutes, so CI leaves it to `python benchmarks/soak.py --replay KIND:SEED`, which runs
+that round again and prints the shrunk sequence. `make soak` runs the machine for longer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from tests import fault_machine
+
+FIXED_SEED = 20261129
+# Examples per kind and seed: a real rotation each, several seconds on a loaded machine.
+EXAMPLES = int(os.environ.get("ROTOR_FAULT_EXAMPLES", "2"))
+
+
+def _random_seed() -> int:
+    chosen = os.environ.get("ROTOR_FAULT_SEED")
+    return int(chosen) if chosen else random.SystemRandom().randrange(2**32)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", fault_machine.KINDS)
+def test_faults_from_the_fixed_seed_break_no_safety_rule(kind):
+    fault_machine.run(kind, FIXED_SEED, EXAMPLES, shrink=False)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", fault_machine.KINDS)
+def test_faults_from_a_random_seed_break_no_safety_rule(kind, capsys):
+    chosen = _random_seed()
+    with capsys.disabled():
+        print(f"\n{kind}: fault seed {chosen} (replay: python benchmarks/soak.py "
+              f"--replay {kind}:{chosen})")
+    fault_machine.run(kind, chosen, max(1, EXAMPLES // 2), shrink=False)
+
+
+# -- the referee's checks can fail -----------------------------------------------------------
+
+
+def _referee_with_rotation(tmp_path, destructive: bool = True):
+    from tests.faults import Referee
+    from tests.test_engine import Clock, make
+
+    clock = Clock()
+    engine, _ = make(tmp_path, clock, {"drop": lambda ctx: None},
+                     destructive={"drop"} if destructive else set())
+    rotation = engine.start("mysql", "signon", "production", "alice")
+    return Referee(tmp_path / "state.db", clock), engine, rotation, clock
+
+
+def test_the_referee_flags_a_side_effect_by_a_worker_without_the_current_lease(tmp_path):
+    from rotation import fence
+
+    referee, engine, rotation, clock = _referee_with_rotation(tmp_path)
+    token = engine.store.claim(rotation.id, "w1", clock() + 60)
+    old = fence.Lease(engine.store, rotation.id, "w1", token, seconds=60, clock=clock)
+    clock.advance(61)
+    engine.store.claim(rotation.id, "w2", clock() + 60)
+    referee.after(old, "call AWS PutSecretValue")
+    assert [v.split(":")[0] for v in referee.violations] == ["lease"]
+
+
+def test_the_referee_flags_a_destructive_effect_without_a_valid_approval(tmp_path):
+    from rotation import fence
+
+    referee, engine, rotation, clock = _referee_with_rotation(tmp_path)
+    token = engine.store.claim(rotation.id, "w1", clock() + 60)
+    lease = fence.Lease(engine.store, rotation.id, "w1", token, seconds=60, clock=clock)
+    referee.after(lease, "run DROP USER")
+    assert [v.split(":")[0] for v in referee.violations] == ["approval"]
+    with engine.store.transaction(fenced=False):
+        engine.store.update_step(rotation.id, 0, decision="approved", decided_by="alice",
+                                 decided_at=clock())
+    referee.violations.clear()
+    referee.after(lease, "call AWS DeleteAccessKey")
+    assert sorted(v.split(":")[0] for v in referee.violations) == ["four-eyes", "second-line"]
+    with engine.store.transaction(fenced=False):
+        engine.store.update_rotation(rotation.id, status="cancelled")
+    referee.violations.clear()
+    referee.after(lease, "call AWS PutSecretValue")
+    assert [v.split(":")[0] for v in referee.violations] == ["after-cancel"]
+
+
+def test_the_referee_finds_a_secret_in_the_state_db_the_logs_or_slack(tmp_path):
+    referee, engine, rotation, _ = _referee_with_rotation(tmp_path)
+    referee.no_secrets(["hunter2hunter2"], ["rotating"], ["notice"])
+    assert referee.violations == []
+    referee.no_secrets(["hunter2hunter2"], ["password hunter2hunter2"], ["the hunter2hunter2"])
+    assert len(referee.violations) == 2
+    engine.store.db.execute("INSERT INTO kv (key, value) VALUES ('k', 'hunter2hunter2')")
+    referee.violations.clear()
+    referee.no_secrets(["hunter2hunter2"], [], [])
+    assert referee.violations == ["secret: a secret value is in the state DB"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9: Retry must clear a destructive approval; "
+                                       "on this branch the retried step re-uses it")
+def test_a_retried_destructive_step_asks_again(tmp_path):
+    from rotation import fence
+    from rotation.engine import Done
+    from rotation.errors import StepFailed
+    from tests.faults import Referee, watching
+    from tests.test_engine import Clock, Notices, make
+
+    attempts: list[int] = []
+
+    def drop(ctx):
+        ctx.approve("DROP USER old", gate="drop")
+        fence.guard("run DROP USER")
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise StepFailed("the connection dropped mid-statement")
+        return Done("dropped")
+
+    clock = Clock()
+    engine, _ = make(tmp_path, clock, {"drop": drop}, destructive={"drop"}, notices=Notices())
+    referee = Referee(tmp_path / "state.db", clock)
+    with watching(referee):
+        rotation = engine.start("mysql", "signon", "staging", "alice")
+        engine.advance(rotation.id)
+        engine.approve(rotation.id, "drop", "bob")
+        engine.advance(rotation.id)
+        clock.advance(1)
+        engine.retry(rotation.id, "alice")
+        engine.advance(rotation.id)
+    assert referee.violations == []
+    assert referee.pending == [], referee.pending
