@@ -9,17 +9,19 @@ running step finish, leases and locks are released.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import parse_qs
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from slack_sdk.signature import SignatureVerifier
 
 import handlers
 from bot import slack
@@ -35,6 +37,8 @@ log = logging.getLogger("rotor.serve")
 
 EVENTS_PATH = "/slack/events"
 MAX_BODY = 1 << 20  # Slack's payloads are a few KB
+HTTP_THREADS = 8  # listeners only ack and enqueue: a few threads answer a burst of commands
+HTTP_CONNECTIONS = 256  # open connections at most; idle and half-sent ones time out
 SWEEP_SECONDS = 5.0  # the reporter also looks for rows other processes (the CLI) wrote
 REQUEST_LOCKS = "slack-request:"  # handlers.Deps.first_time: one lock per Slack trigger_id
 REQUEST_LOCK_DAYS = 1.0  # Slack retries within minutes; a day later the lock is only clutter
@@ -42,26 +46,60 @@ REQUEST_LOCK_DAYS = 1.0  # Slack retries within minutes; a day later the lock is
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """wsgiref's server, one thread per request, with a backlog for bursts of commands."""
+class HttpServer:
+    """waitress behind Rotor's routes: a bounded pool of worker threads, read timeouts, a body
+    cap, and a clean stop from another thread.
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+    waitress reads each request completely in its I/O loop before a worker thread sees it,
+    so slow or half-sent requests hold a socket (until `timeout`), never a thread; it refuses
+    a Content-Length that is not digits, and bodies over `MAX_BODY`, before the app runs.
+    """
+
+    def __init__(self, host: str, port: int, app: WSGIApp, *, threads: int = HTTP_THREADS,
+                 timeout: float = 10.0) -> None:
+        from waitress.server import create_server
+
+        self.server: Any = create_server(
+            app, host=host, port=port, threads=threads, channel_timeout=max(1, int(timeout)),
+            cleanup_interval=max(1, int(timeout) // 2), connection_limit=HTTP_CONNECTIONS,
+            max_request_body_size=MAX_BODY, max_request_header_size=64 * 1024, backlog=128,
+            ident="rotor", expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return str(self.server.effective_host), int(self.server.effective_port)
+
+    @property
+    def server_port(self) -> int:
+        return int(self.server.effective_port)
+
+    def serve_forever(self, poll_interval: float = 0.1) -> None:
+        from waitress import wasyncore
+
+        try:
+            while not self._stop.is_set():  # one poll at a time, so a stop is seen at once
+                wasyncore.loop(timeout=poll_interval, map=self.server._map, use_poll=True,
+                               count=1)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop accepting; requests being answered finish first (bounded)."""
+        self._stop.set()
+        self.server.pull_trigger()
+        self._stopped.wait(5)
+        self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
+
+    def server_close(self) -> None:
+        from waitress import wasyncore
+
+        wasyncore.close_all(self.server._map, ignore_all=True)
 
 
-class QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: Slack's requests carry user IDs, and health checks are noise."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
-
-
-def http_server(host: str, port: int, app: WSGIApp) -> ThreadingWSGIServer:
-    server = make_server(host, port, app, server_class=ThreadingWSGIServer,
-                         handler_class=QuietHandler)
-    assert isinstance(server, ThreadingWSGIServer)
-    return server
+def http_server(host: str, port: int, app: WSGIApp, *, timeout: float = 10.0) -> HttpServer:
+    return HttpServer(host, port, app, timeout=timeout)
 
 
 def _answer(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
@@ -71,9 +109,101 @@ def _answer(start_response: Callable[..., Any], status: str, text: str) -> list[
     return [body]
 
 
+class Rejected(Exception):
+    """A request Rotor does not pass on to Bolt; `status` says why."""
+
+    def __init__(self, status: str, text: str) -> None:
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+def read_body(environ: Mapping[str, Any]) -> bytes:
+    """The request body, never more than MAX_BODY, whatever Content-Length claims."""
+    length = str(environ.get("CONTENT_LENGTH") or "").strip()
+    if length and not length.isdigit():
+        raise Rejected("400 Bad Request", "bad Content-Length")
+    if length and int(length) > MAX_BODY:
+        raise Rejected("413 Payload Too Large", "too large")
+    stream = environ.get("wsgi.input")
+    body = stream.read(min(int(length or 0), MAX_BODY) if length else MAX_BODY + 1) \
+        if stream is not None else b""
+    if len(body) > MAX_BODY:
+        raise Rejected("413 Payload Too Large", "too large")
+    return bytes(body)
+
+
+# The parts of a payload Bolt reads before any listener runs, and the types it expects.
+_OBJECTS = ("team", "enterprise", "user", "channel", "container", "view", "message", "event",
+            "authorizations", "function_data", "bot_access_token", "workflow_step")
+
+
+def check_shape(body: bytes, content_type: str) -> None:
+    """Raise Rejected (400) unless the body is a payload Slack could have sent: a form or
+    JSON object whose fields have the types Bolt assumes. Run only on signed requests."""
+    try:
+        text = body.decode("utf-8")
+        if "application/json" in content_type:
+            payload: Any = json.loads(text)
+        else:
+            form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
+            if any(len(values) != 1 for values in form.values()):
+                raise ValueError("a repeated form field")
+            payload = {key: values[0] for key, values in form.items()}
+            if "payload" in payload:
+                payload = json.loads(payload["payload"])
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise Rejected("400 Bad Request", "malformed payload") from exc
+    if not isinstance(payload, dict):
+        raise Rejected("400 Bad Request", "malformed payload")
+    problems = [key for key in _OBJECTS if key in payload and not _object_like(key, payload[key])]
+    for key in ("type", "team_id", "enterprise_id", "user_id", "channel_id", "command", "text",
+                "response_url", "trigger_id", "api_app_id", "token", "event_id", "callback_id"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            problems.append(key)
+    actions = payload.get("actions")
+    if actions is not None and not (isinstance(actions, list) and all(
+            isinstance(a, dict) and all(isinstance(a.get(k, ""), str)
+                                        for k in ("action_id", "block_id", "value", "type"))
+            for a in actions)):
+        problems.append("actions")
+    for key in ("team", "enterprise", "user", "channel"):
+        value = payload.get(key)
+        if isinstance(value, dict) and any(not isinstance(value.get(k, ""), str | type(None))
+                                           for k in ("id", "team_id", "enterprise_id")):
+            problems.append(key)
+    event = payload.get("event")
+    if isinstance(event, dict) and any(not isinstance(event.get(k, ""), str | type(None))
+                                       for k in ("type", "user", "channel", "tab", "subtype",
+                                                 "user_team", "team")):
+        problems.append("event")
+    if problems:
+        raise Rejected("400 Bad Request", f"malformed payload ({', '.join(sorted(problems))})")
+
+
+def _object_like(key: str, value: Any) -> bool:
+    if key in ("authorizations",):
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    if key in ("team", "enterprise", "user", "channel"):
+        return value is None or isinstance(value, dict | str)
+    if key == "bot_access_token":
+        return isinstance(value, str)
+    return value is None or isinstance(value, dict)
+
+
+def _header(environ: Mapping[str, Any], name: str) -> str | None:
+    value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return str(value) if value is not None else None
+
+
 def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
-            answering: AcksFirst) -> WSGIApp:
-    """Routes /healthz, /readyz and (in HTTP mode) Slack's requests, counted in `answering`."""
+            answering: AcksFirst, signing_secret: str | None = None) -> WSGIApp:
+    """Routes /healthz, /readyz and (in HTTP mode) Slack's requests, counted in `answering`.
+
+    Slack's requests pass three gates before Bolt sees them: the body cap (413), the
+    signature, checked on the raw bytes before anything parses them (401), and the shape of
+    the payload (400). Bolt then checks the signature again and dispatches.
+    """
+    verifier = SignatureVerifier(signing_secret) if signing_secret else None
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
@@ -86,13 +216,19 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
         if path == EVENTS_PATH and slack_events is not None:
             if method != "POST":
                 return _answer(start_response, "405 Method Not Allowed", "POST only")
-            if int(environ.get("CONTENT_LENGTH") or 0) > MAX_BODY:
-                return _answer(start_response, "413 Payload Too Large", "too large")
             try:
-                with answering:
-                    return slack_events(environ, start_response)
-            except ValueError:  # Bolt parses the body before anything else: not Slack's JSON
-                return _answer(start_response, "400 Bad Request", "malformed payload")
+                body = read_body(environ)
+                if verifier is None or not verifier.is_valid(
+                        body, _header(environ, "X-Slack-Request-Timestamp"),
+                        _header(environ, "X-Slack-Signature")):
+                    raise Rejected("401 Unauthorized", "invalid request")
+                check_shape(body, str(environ.get("CONTENT_TYPE") or ""))
+            except Rejected as rejected:
+                log.info("http: %s: %s", rejected.status, rejected.text)
+                return _answer(start_response, rejected.status, rejected.text)
+            environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+            with answering:
+                return slack_events(environ, start_response)
         return _answer(start_response, "404 Not Found", "not found")
 
     return app
@@ -146,7 +282,9 @@ class Service:
         self.client = client
         self.engine.on_change = self._changed
         self.http = http_server(host, settings.port,
-                                web_app(slack_events, self.problems, self.answering))
+                                web_app(slack_events, self.problems, self.answering,
+                                        settings.slack_signing_secret),
+                                timeout=settings.http_timeout)
 
     # -- wiring -----------------------------------------------------------------------------
 

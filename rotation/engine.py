@@ -30,6 +30,7 @@ from rotation.errors import (
     StepFailed,
     UnknownName,
 )
+from rotation.policy import person
 from rotation.store import (
     ACTIVE,
     CANCELLED,
@@ -498,7 +499,8 @@ class Engine:
         step = rotation.step(step_name)
         self._check_gate_open(rotation, step)
         guided = (step.gate or "").startswith(GUIDE)
-        if not guided and self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
+        if (not guided and self.catalogue.four_eyes(rotation.env)
+                and person(actor) == person(rotation.initiator)):  # Slack and CLI alike
             raise NotAllowed(f"{rotation.env} needs a second person: the one who started "
                              f"rotation #{rotation.id} cannot approve it")
         self._decide(rotation, step, actor, "approved", "pending", next_run_at=self.clock())

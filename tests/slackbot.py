@@ -127,7 +127,7 @@ class BotProcess:
             "ROTOR_EXTRA_KINDS": "tests.slack_kinds:KINDS",
             "ROTOR_TEST_CONTROL": str(self.control), "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1", "ROTOR_LOG_LEVEL": self.log_level,
-            "ROTOR_HOST": "127.0.0.1",  # tests never listen beyond loopback
+            "ROTOR_BIND": "127.0.0.1",  # tests never listen beyond loopback
         })
         env.update(extra)
         return env
