@@ -240,9 +240,9 @@ class Reporter:
         elif event in ("approved", "rejected"):
             self._close(state, rotation, f"approval:{step}", event, row)
             if event == "rejected":
-                failed = replace(row, detail=f"rejected by {messages.user(row.actor)}")
-                self._post_open(state, rotation, row, f"failed:{step}", failed.detail,
-                                *messages.failure(rotation, failed))
+                self._post_open(state, rotation, row, f"failed:{step}", row.detail,
+                                *messages.failure(rotation, row, rejected_by=row.actor))
+                state.open[f"failed:{step}"]["rejected_by"] = row.actor
         elif event == "held":
             self._close(state, rotation, f"hold:{step}", "held", row)
             note = f"Held by {messages.user(row.actor)} {messages.when(row.at)}; it needs " \
@@ -379,7 +379,8 @@ class Reporter:
             return
         if key.startswith("failed:"):
             failed = replace(row, step=message["step"], detail=message["text"])
-            text, blocks = messages.failure_closed(rotation, failed, how, row.actor, row.at)
+            text, blocks = messages.failure_closed(rotation, failed, how, row.actor, row.at,
+                                                   message.get("rejected_by"))
         else:
             if how == "approved" and message.get("guided"):
                 how = "done"

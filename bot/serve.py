@@ -251,6 +251,7 @@ class Service:
             "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
         self.stopping = threading.Event()
         self.reporter: Reporter | None = None
+        self.workspace: slack.Workspace | None = None
         self.socket: Any = None
         client = (slack.web_client(settings.slack_bot_token, settings.slack_api_url)
                   if settings.slack_bot_token else None)
@@ -269,8 +270,10 @@ class Service:
             self.reporter = Reporter(self.engine, client, policy,
                                      schedule_retry=self._retry_reporter)
             app = slack.bolt_app(client, settings.slack_signing_secret, socket_mode=socket_mode)
+            self.workspace = slack.Workspace(client, catalogue.slack.teams)
             handlers.register(app, handlers.Deps(self.engine, policy, self.jobs, self.reporter,
-                                                 client, catalogue.slack.channel))
+                                                 client, catalogue.slack.channel,
+                                                 self.workspace))
             if socket_mode:
                 from slack_bolt.adapter.socket_mode import SocketModeHandler
 
@@ -349,6 +352,8 @@ class Service:
         if self.reporter is not None:
             self.reporter.start()
         self._spawn("rotor-http", lambda: self.http.serve_forever(poll_interval=0.1))
+        if self.workspace is not None:  # which team is ours: asked now, not on a click
+            self._spawn("rotor-workspace", self.workspace.installed)
         if self.socket is not None:
             self._spawn("rotor-socket", self._connect_socket)
         mode = ("Socket Mode" if self.socket is not None else "HTTP mode" if self.reporter

@@ -62,8 +62,9 @@ def test_every_builder_output_is_redacted():
                                                        False))
 
 
-def test_typed_text_cannot_mention_anyone_but_policy_mentions_survive():
-    assert "<!channel>" not in messages.usage("unknown app '<!channel>'")
-    refused = messages.refused(RuntimeError("<@U0BOB> may not approve; ask <!subteam^S0SRE>"))
-    assert refused == ":no_entry: <@U0BOB> may not approve; ask <!subteam^S0SRE>"
-    assert messages.refused(RuntimeError("x <!here> y")) == ":no_entry: x &lt;!here&gt; y"
+def test_policy_refusals_keep_their_mentions_and_other_errors_are_escaped():
+    from rotation.policy import PolicyRefusal
+
+    refused = messages.refused(PolicyRefusal("U0BOB", "approve", "production", ["S0SRE"]))
+    assert refused == ":no_entry: <@U0BOB> may not approve in production; ask <!subteam^S0SRE>"
+    assert messages.refused(RuntimeError("x <!here> y")) == ":no_entry: `x &lt;!here&gt; y`"
