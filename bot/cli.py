@@ -46,11 +46,13 @@ class _Obj:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            from bot.notify import second_line_for_cli
+            from bot.notify import SlackSecondLine, second_line_for_cli
 
             ask = (lambda question: click.prompt(question)) if sys.stdin.isatty() else None
-            self._engine = build_engine(self.settings, second_line=second_line_for_cli(
-                self.settings, self.second_line_told, ask))
+            second_line = second_line_for_cli(self.settings, self.second_line_told, ask)
+            self._engine = build_engine(self.settings, second_line=second_line)
+            if isinstance(second_line, SlackSecondLine):  # notices once, even across retries
+                second_line.store = self._engine.store
         return self._engine
 
     @property

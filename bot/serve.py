@@ -196,7 +196,8 @@ def _header(environ: Mapping[str, Any], name: str) -> str | None:
 
 
 def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
-            answering: AcksFirst, signing_secret: str | None = None) -> WSGIApp:
+            answering: AcksFirst, signing_secret: str | None = None,
+            warnings: Callable[[], list[str]] = list) -> WSGIApp:
     """Routes /healthz, /readyz and (in HTTP mode) Slack's requests, counted in `answering`.
 
     Slack's requests pass three gates before Bolt sees them: the body cap (413), the
@@ -210,9 +211,12 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
         if path == "/healthz":
             return _answer(start_response, "200 OK", "ok")
         if path == "/readyz":
-            problems = ready()
+            problems, notes = ready(), warnings()
+            text = "; ".join(problems) or "ready"
+            if notes:
+                text += "".join(f"\nwarning: {note}" for note in notes)
             return _answer(start_response, "503 Service Unavailable" if problems else "200 OK",
-                           "; ".join(problems) or "ready")
+                           text)
         if path == EVENTS_PATH and slack_events is not None:
             if method != "POST":
                 return _answer(start_response, "405 Method Not Allowed", "POST only")
@@ -261,6 +265,9 @@ class Service:
                                           catalogue.slack.second_line_group,
                                           thread_link=self._thread_link)
         self.engine = build_engine(settings, second_line=second_line, clock=clock)
+        if second_line is not None:
+            second_line.store = self.engine.store
+        self.second_line = second_line
         self.worker = EngineWorker(self.engine)
         self.answering = AcksFirst()
         self.jobs = Jobs(handlers.report_error, acks=self.answering)
@@ -286,7 +293,7 @@ class Service:
         self.engine.on_change = self._changed
         self.http = http_server(host, settings.port,
                                 web_app(slack_events, self.problems, self.answering,
-                                        settings.slack_signing_secret),
+                                        settings.slack_signing_secret, self.warnings),
                                 timeout=settings.http_timeout)
 
     # -- wiring -----------------------------------------------------------------------------
@@ -295,6 +302,10 @@ class Service:
         self.worker.wake()
         if self.reporter is not None:
             self.reporter.wake()
+
+    def _learn_workspace(self) -> None:
+        if self.workspace is not None:
+            self.workspace.installed()
 
     def _thread_link(self, rotation: Any) -> str | None:
         return self.reporter.thread_link(rotation) if self.reporter else None
@@ -330,6 +341,13 @@ class Service:
         if pruned:
             log.info("serve: pruned %s request locks that expired over a day ago", pruned)
 
+    def warnings(self) -> list[str]:
+        """What people must fix while Rotor keeps answering (shown by /readyz, still 200):
+        a channel Rotor cannot post or read in."""
+        found = [self.second_line.problem if self.second_line else None,
+                 self.reporter.problem if self.reporter else None]
+        return [problem for problem in found if problem]
+
     def problems(self) -> list[str]:
         """Why the process is not ready; empty when it is."""
         problems = []
@@ -353,7 +371,7 @@ class Service:
             self.reporter.start()
         self._spawn("rotor-http", lambda: self.http.serve_forever(poll_interval=0.1))
         if self.workspace is not None:  # which team is ours: asked now, not on a click
-            self._spawn("rotor-workspace", self.workspace.installed)
+            self._spawn("rotor-workspace", self._learn_workspace)
         if self.socket is not None:
             self._spawn("rotor-socket", self._connect_socket)
         mode = ("Socket Mode" if self.socket is not None else "HTTP mode" if self.reporter

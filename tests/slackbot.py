@@ -53,6 +53,9 @@ slack:
   approval_expiry_hours: %(expire)s
 waits: {first_check: 0.02, max_check: 0.2}
 key_age: {schedule: "0 0 29 2 *"}  # the scheduled key-age check (AWS) stays out of the way
+operators:
+  "arn:aws:sts::123456789012:assumed-role/*/alice": U0ALICE
+  "arn:aws:sts::123456789012:assumed-role/*/bob": U0BOB
 """
 APPS = ("signon", "whitehall", "publisher", "collections", "content-store", "search-api",
         "frontend", "router", "email-alert-api", "link-checker-api", "locations-api",
