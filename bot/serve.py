@@ -9,6 +9,8 @@ running step finish, leases and locks are released.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -21,7 +23,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from slack_sdk.signature import SignatureVerifier
 
 import handlers
 from bot import slack
@@ -38,7 +39,7 @@ log = logging.getLogger("rotor.serve")
 EVENTS_PATH = "/slack/events"
 MAX_BODY = 1 << 20  # Slack's payloads are a few KB
 HTTP_THREADS = 8  # listeners only ack and enqueue: a few threads answer a burst of commands
-HTTP_CONNECTIONS = 256  # open connections at most; idle and half-sent ones time out
+HTTP_CONNECTIONS = 512  # open connections at most; idle and half-sent ones time out
 SWEEP_SECONDS = 5.0  # the reporter also looks for rows other processes (the CLI) wrote
 REQUEST_LOCKS = "slack-request:"  # handlers.Deps.first_time: one lock per Slack trigger_id
 REQUEST_LOCK_DAYS = 1.0  # Slack retries within minutes; a day later the lock is only clutter
@@ -195,6 +196,20 @@ def _header(environ: Mapping[str, Any], name: str) -> str | None:
     return str(value) if value is not None else None
 
 
+def _signed(secret: str | None, body: bytes, environ: Mapping[str, Any],
+            now: Callable[[], float] = time.time) -> bool:
+    """Slack's v0 signature (HMAC-SHA256 of "v0:{timestamp}:{body}") over the raw bytes, and
+    a timestamp within five minutes. slack_sdk's verifier decodes the body first, so bytes
+    that are not UTF-8 would raise before the signature is even compared."""
+    timestamp = _header(environ, "X-Slack-Request-Timestamp") or ""
+    signature = _header(environ, "X-Slack-Signature") or ""
+    if not secret or not timestamp.isdigit() or abs(now() - int(timestamp)) > 300:
+        return False
+    expected = hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body,
+                        hashlib.sha256).hexdigest()
+    return hmac.compare_digest("v0=" + expected, signature)
+
+
 def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
             answering: AcksFirst, signing_secret: str | None = None,
             warnings: Callable[[], list[str]] = list) -> WSGIApp:
@@ -204,8 +219,6 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
     signature, checked on the raw bytes before anything parses them (401), and the shape of
     the payload (400). Bolt then checks the signature again and dispatches.
     """
-    verifier = SignatureVerifier(signing_secret) if signing_secret else None
-
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
         if path == "/healthz":
@@ -222,9 +235,7 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
                 return _answer(start_response, "405 Method Not Allowed", "POST only")
             try:
                 body = read_body(environ)
-                if verifier is None or not verifier.is_valid(
-                        body, _header(environ, "X-Slack-Request-Timestamp"),
-                        _header(environ, "X-Slack-Signature")):
+                if not _signed(signing_secret, body, environ):
                     raise Rejected("401 Unauthorized", "invalid request")
                 check_shape(body, str(environ.get("CONTENT_TYPE") or ""))
             except Rejected as rejected:
@@ -304,8 +315,12 @@ class Service:
             self.reporter.wake()
 
     def _learn_workspace(self) -> None:
-        if self.workspace is not None:
-            self.workspace.installed()
+        """Ask Slack which team Rotor is installed in, until it answers (bounded backoff)."""
+        delay = 1.0
+        while self.workspace is not None and self.workspace.installed() is None:
+            if self.stopping.wait(delay):
+                return
+            delay = min(delay * 2, 60.0)
 
     def _thread_link(self, rotation: Any) -> str | None:
         return self.reporter.thread_link(rotation) if self.reporter else None
@@ -355,6 +370,8 @@ class Service:
             problems.append("the engine worker is not running")
         if not self.scheduler.running:
             problems.append("the scheduler is not running")
+        if self.workspace is not None and self.workspace.known() is None:
+            problems.append("the installed workspace is not known yet (auth.test)")
         if self.socket is not None and not self.socket.client.is_connected():
             problems.append("not connected to Slack (Socket Mode)")
         if self.stopping.is_set():

@@ -130,6 +130,9 @@ class Workspace:
                 log.info("workspace: installed in team %s, enterprise %s", *self._installed)
             return self._installed
 
+    def known(self) -> tuple[str | None, str | None] | None:
+        return self._installed
+
     def verdict(self, body: dict[str, Any], installed: tuple[str | None, str | None] | None
                 = None) -> bool | None:
         """Whether the sender's workspace may act; None when that is not known yet."""
