@@ -56,6 +56,7 @@ key_age: {schedule: "0 0 29 2 *"}  # the scheduled key-age check (AWS) stays out
 operators:
   "arn:aws:sts::123456789012:assumed-role/*/alice": U0ALICE
   "arn:aws:sts::123456789012:assumed-role/*/bob": U0BOB
+  "arn:aws:sts::123456789012:assumed-role/*/mallory": U0MALLORY
 """
 APPS = ("signon", "whitehall", "publisher", "collections", "content-store", "search-api",
         "frontend", "router", "email-alert-api", "link-checker-api", "locations-api",

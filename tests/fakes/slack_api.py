@@ -96,6 +96,7 @@ class FakeSlack:
         self._rate_limited = 0
         self._retry_after = 1
         self._lose = 0
+        self._lose_in: str | None = None
         self._server: ThreadingHTTPServer | None = None
 
     # -- running ---------------------------------------------------------------------------
@@ -154,9 +155,10 @@ class FakeSlack:
         with self._lock:
             self._rate_limited, self._retry_after = calls, retry_after
 
-    def lose_responses(self, posts: int) -> None:
+    def lose_responses(self, posts: int, channel: str | None = None) -> None:
+        """Lose the answers to the next `posts` posts (to `channel` only, when given)."""
         with self._lock:
-            self._lose = posts
+            self._lose, self._lose_in = posts, channel
 
     def make_private(self, name: str) -> str:
         with self._lock:
@@ -241,7 +243,9 @@ class FakeSlack:
                                                                      "error": "ratelimited"}
             self.calls.append(Call(method, params, path))
             body = self._api(method, params)
-            if method == "chat.postMessage" and self._lose > 0 and body.get("ok"):
+            lost_here = self._lose_in is None or body.get("channel") == self.channels.get(
+                self._lose_in, self._lose_in)
+            if method == "chat.postMessage" and self._lose > 0 and body.get("ok") and lost_here:
                 self._lose -= 1
                 return 200, {}, None
             return 200, {}, body
