@@ -160,6 +160,11 @@ class FakeSlack:
         with self._lock:
             self._lose, self._lose_in = posts, channel
 
+    def declare(self, name: str) -> str:
+        """A channel that exists before Rotor posts in it, as real ones do; its ID."""
+        with self._lock:
+            return self._channel_id(name)
+
     def make_private(self, name: str) -> str:
         with self._lock:
             channel = self._channel_id(name)
