@@ -71,7 +71,7 @@ SCOPES = {
     "auth_test": set(),
 }
 METHOD = re.compile(r"\b((?:chat|conversations|usergroups|views|auth|users|reactions|files|"
-                    r"apps|bots|pins|reminders|dnd|emoji|search|stars)_[a-z][A-Za-z]*)\b")
+                    r"apps|bots|pins|reminders|dnd|emoji|search|stars)_[a-z][A-Za-z_]*)\b")
 
 
 def test_the_manifest_scopes_are_exactly_what_the_web_api_calls_need():
