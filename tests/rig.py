@@ -310,10 +310,12 @@ class Rig:
         return moto_client(service, self.moto, self.region(env))
 
     def env(self) -> dict[str, str]:
-        """Environment for a `rotor` subprocess pointed at this rig."""
+        """Environment for a `rotor` subprocess pointed at this rig, run by Alice's role
+        session (OPERATORS maps it to U0ALICE)."""
         return {
             **os.environ,
             **AWS_ENV,
+            **operator_env("alice"),
             "AWS_ENDPOINT_URL": self.moto,
             "ROTOR_CONFIG": str(self.config_path),
             "ROTOR_STATE": str(self.state_path),
