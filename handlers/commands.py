@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers import Deps, Reply, enqueue, messages, sender
+from handlers import Deps, Reply, enqueue, messages, reminder_messages, sender
 from rotation import iam
 from rotation.catalogue import Catalogue
 from rotation.errors import NotAllowed, UnknownName
@@ -207,7 +207,7 @@ def keys(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
     if not allowed:
         deps.policy.check_keys(user, envs[0])  # says why, and who to ask
     envs = allowed
-    reply(messages.key_age_reply([iam.key_age_report(engine.clients, engine.catalogue, env,
+    reply(reminder_messages.key_age_reply([iam.key_age_report(engine.clients, engine.catalogue, env,
                                                      engine.clock()) for env in envs]))
 
 

@@ -1,4 +1,5 @@
-"""Every string Rotor shows in Slack, and every Block Kit structure it sends.
+"""Every string Rotor shows in Slack, and every Block Kit structure it sends (the
+scheduler's key-age checks and nudges are in `handlers.reminder_messages`).
 
 Builders return `(text, blocks)`: `text` is the notification and screen-reader fallback,
 `blocks` what people see. Every builder's output goes through `rotation.redact`, so a secret
@@ -587,90 +588,3 @@ def home(active: Sequence[RotationRow], links: dict[int, str | None]) -> dict[st
     blocks += [_section(_status_line(r, links.get(r.id))) for r in active] or [
         _context(f"No rotation is running. Start one with `{COMMAND} APP ENV`.")]
     return {"type": "home", "blocks": blocks[:100]}
-
-
-# -- key-age reminders and approval nudges (bot.reminders, `/rotate keys`) ---------------------
-
-from rotation.iam import KeyAgeReport, KeyFinding  # noqa: E402 (this section's own import)
-
-
-def _key_line(finding: KeyFinding) -> str:
-    mark = ":rotating_light:" if finding.overdue else ":warning:"
-    state = "overdue" if finding.overdue else "due soon"
-    used = when(finding.last_used) if finding.last_used else "never"
-    return (f"{mark} {escape(finding.user)} key {finding.slot} is *{finding.age_days} days "
-            f"old* ({state}; created {when(finding.created)}, last used {used})")
-
-
-def _key_counts(report: KeyAgeReport) -> str:
-    return (f"{len(report.overdue)} overdue (older than {report.max_age_days} days), "
-            f"{len(report.due_soon)} due soon ({report.warn_days} days or more), of "
-            f"{report.active_keys:,} active keys of {report.users:,} users")
-
-
-@redacted
-def key_age_summary(report: KeyAgeReport) -> Message:
-    """The one channel message of a key-age check; each user gets a thread reply."""
-    head = f"*Access keys in {report.env}*"
-    if not report.findings:
-        text = (f":white_check_mark: {head}: no active key is {report.warn_days} days old or "
-                f"more ({report.active_keys:,} active keys of {report.users:,} users)")
-        return text, [_section(text)]
-    text = f":key: {head}: {_key_counts(report)}."
-    users = len(report.by_user())
-    note = (f"One reply per user in the thread ({users}); \"Rotate now\" starts the rotation "
-            "for users in rotor.yml.")
-    return text, [_section(text), _context(f"Checked {when(report.checked_at)}. {note}")]
-
-
-@redacted
-def key_age_user(report: KeyAgeReport, user_name: str,
-                 findings: Sequence[KeyFinding]) -> Message:
-    """A thread reply for one user's old keys, with "Rotate now" when Rotor knows the user."""
-    lines = "\n".join(_key_line(f) for f in findings)
-    text = lines.split("\n")[0]
-    blocks: list[dict[str, Any]] = [_section(lines)]
-    if findings and findings[0].rotatable:
-        blocks.append(_actions(_button("Rotate now", ROTATE_KEY_NOW,
-                                       f"{user_name} {report.env}", style="primary")))
-    else:
-        blocks.append(_context(f"{escape(user_name)} is not in rotor.yml for {report.env}: "
-                               "rotate it by hand (runbook: AWS IAM Key Rotation), or add it "
-                               "to `iam_users`."))
-    return text, blocks
-
-
-@redacted
-def key_age_failed(env: str, error: BaseException) -> Message:
-    line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = (f":warning: The key-age check of {env} failed: {escape(line)}. Run "
-            f"`{COMMAND} keys {env}` to try again.")
-    return text, [_section(text)]
-
-
-@redacted
-def key_age_reply(reports: Sequence[KeyAgeReport]) -> str:
-    """`/rotate keys [ENV]`: every environment's findings, for the person who asked."""
-    parts = []
-    for report in reports:
-        parts.append(f"*Access keys in {report.env}*: {_key_counts(report)}")
-        parts += [_key_line(f) for f in report.findings[:40]]
-        if len(report.findings) > 40:
-            parts.append(f"… and {len(report.findings) - 40} more (`rotor keys {report.env}`)")
-    return "\n".join(parts)[:3900]
-
-
-@redacted
-def still_waiting(rotation: RotationRow, step: StepRow, now: float) -> Message:
-    """The daily reminder in a rotation's thread while a step waits for a person."""
-    whole = int((now - (step.gate_requested_at or now)) // 86400)
-    waited = f"{whole} day{'' if whole == 1 else 's'}"
-    if step.guided:
-        what = f"`{step.name}` has waited {waited} for someone to do it and click Done"
-    elif step.expired_at:
-        what = (f"`{step.name}` has waited {waited} for approval; the rotation is paused, "
-                "ask for the approval again to carry on")
-    else:
-        what = f"`{step.name}` has waited {waited} for approval"
-    text = f":bell: {what} (since {when(step.gate_requested_at)}). {_title(rotation)}."
-    return text, [_section(text)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from handlers import messages
+from handlers import messages, reminder_messages
 from rotation import redact
 from rotation.store import RotationRow, StepRow
 
@@ -157,9 +157,9 @@ BUILDERS: dict[str, Any] = {
     "second_line_notice": lambda: messages.second_line_notice(R, GATE, HOSTILE, "U0BOB",
                                                               "S0SECONDLINE", None),
     "home": lambda: messages.home([R, failed_rotation(), waiting_rotation()], {}),
-    "key_age_user": lambda: messages.key_age_user(REPORT, HOSTILE, [FINDING]),
-    "key_age_failed": lambda: messages.key_age_failed("staging", RuntimeError(HOSTILE)),
-    "key_age_reply": lambda: messages.key_age_reply([REPORT]),
+    "key_age_user": lambda: reminder_messages.key_age_user(REPORT, HOSTILE, [FINDING]),
+    "key_age_failed": lambda: reminder_messages.key_age_failed("staging", RuntimeError(HOSTILE)),
+    "key_age_reply": lambda: reminder_messages.key_age_reply([REPORT]),
     # Rotor's own words, catalogue names and Slack IDs only:
     "help_text": None, "not_available": None, "internal_error": None, "started": None,
     "no_rotation_of": None, "cancel_requested": None, "retrying": None, "reminder": None,
@@ -169,7 +169,8 @@ BUILDERS: dict[str, Any] = {
 
 
 def test_every_builder_is_in_the_hostile_table():
-    builders = {name for name, fn in vars(messages).items()
+    builders = {name for module in (messages, reminder_messages)
+                for name, fn in vars(module).items()
                 if callable(fn) and hasattr(fn, "__wrapped__")}
     assert builders == set(BUILDERS)
 
