@@ -81,10 +81,19 @@ from rotation.iam import KeyAgeReport, KeyFinding  # noqa: E402
 from rotation.store import AuditRow  # noqa: E402
 
 HOSTILE = "<!channel> <@U0EVIL> <https://x|Approve> & *bold* _it_ ~gone~ `code`"
-SHOWN = messages.escape(HOSTILE)
+
+
+def literally(value: str) -> str:
+    """How Slack shows `value` as typed: in a code span (no *bold*, _italic_ or ~strike~),
+    with Slack's three entities, and a backtick that cannot close the span."""
+    entities = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "`" + entities.replace("`", "\u02cb") + "`"
+
+
+SHOWN = literally(HOSTILE)
 WORD = "<!channel>&*bold*_it_~gone~`code`<@u0evil>"  # typed (the parser lower-cases it)
 TOLD = f"told by the operator: {HOSTILE}"
-EXPECTED = {"usage": messages.escape(WORD), "second_line_told": messages.escape(TOLD)}
+EXPECTED = {"usage": literally(WORD), "second_line_told": literally(TOLD)}
 # What must never reach Slack: a live mention, ping or link, a doubly escaped entity, or a
 # backtick that closes Rotor's code span and lets the rest format.
 LIVE = ("<!channel>", "<@U0EVIL>", "<https://x", "&amp;amp;", "&amp;lt;", "`code`")
@@ -185,7 +194,7 @@ def test_text_from_outside_rotor_is_shown_literally_by_every_builder(name):
 
 
 def test_the_one_escaping_function():
-    assert messages.escape(HOSTILE) == (
+    assert messages.escape(HOSTILE) == SHOWN == (
         "`&lt;!channel&gt; &lt;@U0EVIL&gt; &lt;https://x|Approve&gt; &amp; *bold* _it_ "
         "~gone~ \u02cbcode\u02cb`")
     assert messages.escape("") == "" and messages.escape("a\nb") == "`a b`"
