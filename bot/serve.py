@@ -57,11 +57,32 @@ class HttpServer:
     """
 
     def __init__(self, host: str, port: int, app: WSGIApp, *, threads: int = HTTP_THREADS,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, answering: AcksFirst | None = None) -> None:
         from waitress.server import create_server
+        from waitress.task import ThreadedTaskDispatcher
 
+        counted = answering or AcksFirst()
+
+        class Dispatcher(ThreadedTaskDispatcher):
+            """Counts a request as being answered from the moment it waits for a thread, so
+            Rotor's queued jobs let every waiting ack go first (`AcksFirst`)."""
+
+            def add_task(self, task: Any) -> None:
+                counted.__enter__()
+                super().add_task(task)
+
+        def app_counted(environ: dict[str, Any], start_response: Callable[..., Any]
+                        ) -> Iterable[bytes]:
+            try:
+                return app(environ, start_response)
+            finally:
+                counted.__exit__(None, None, None)
+
+        dispatcher = Dispatcher()
+        dispatcher.set_thread_count(threads)
         self.server: Any = create_server(
-            app, host=host, port=port, threads=threads, channel_timeout=max(1, int(timeout)),
+            app_counted, host=host, port=port, _dispatcher=dispatcher,
+            channel_timeout=max(1, int(timeout)),
             cleanup_interval=max(1, int(timeout) // 2), connection_limit=HTTP_CONNECTIONS,
             max_request_body_size=MAX_BODY, max_request_header_size=64 * 1024, backlog=128,
             ident="rotor", expose_tracebacks=False, clear_untrusted_proxy_headers=True)
@@ -99,8 +120,9 @@ class HttpServer:
         wasyncore.close_all(self.server._map, ignore_all=True)
 
 
-def http_server(host: str, port: int, app: WSGIApp, *, timeout: float = 10.0) -> HttpServer:
-    return HttpServer(host, port, app, timeout=timeout)
+def http_server(host: str, port: int, app: WSGIApp, *, timeout: float = 10.0,
+                answering: AcksFirst | None = None) -> HttpServer:
+    return HttpServer(host, port, app, timeout=timeout, answering=answering)
 
 
 def _answer(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
@@ -242,8 +264,7 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
                 log.info("http: %s: %s", rejected.status, rejected.text)
                 return _answer(start_response, rejected.status, rejected.text)
             environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
-            with answering:
-                return slack_events(environ, start_response)
+            return slack_events(environ, start_response)
         return _answer(start_response, "404 Not Found", "not found")
 
     return app
@@ -305,7 +326,7 @@ class Service:
         self.http = http_server(host, settings.port,
                                 web_app(slack_events, self.problems, self.answering,
                                         settings.slack_signing_secret, self.warnings),
-                                timeout=settings.http_timeout)
+                                timeout=settings.http_timeout, answering=self.answering)
 
     # -- wiring -----------------------------------------------------------------------------
 
