@@ -1,13 +1,15 @@
 """Ack latency of `rotor serve`: 50 concurrent signed slash commands while a rotation runs.
 
 Next to it, in the same run, a bare Bolt app (one listener that only acks) on the same server
-type (`bot.serve.ThreadingWSGIServer` with Bolt's WSGI adapter) answers the same requests.
+(`bot.serve.http_server`: waitress with Rotor's thread pool and timeouts, and Bolt's WSGI
+adapter) answers the same requests. Rotor's own gates (body cap, signature, payload shape,
+workspace) are in its figures, not the bare app's.
 Rounds alternate between the two so both see the same machine. The commands are a mix of
 what people type: status, list, plan, help and a typo. Rotor's rotation waits on a step that
 is re-checked every 0.2 s, and every command queues real work (replies via response_url).
 
 Loopback only; bounded (ROUNDS x 50 requests per app); stops by itself. Prints p50, p99 and
-max for both, and the p99 ratio. Targets: Rotor's p99 under 50 ms, within 1.5x of the bare
+max for both, and the p99 ratio. Targets: Rotor's p99 under 50 ms, within 1.3x of the bare
 app. Exits non-zero only when a request failed.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import signal
 import statistics
@@ -46,6 +49,8 @@ def bare_app(port: int, inline: bool) -> None:
     from slack_bolt.authorization import AuthorizeResult
 
     from bot.serve import http_server
+
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as `rotor serve` does
 
     def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
         return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id,
@@ -140,7 +145,7 @@ def main() -> None:
             rotor = BotProcess(Path(tmp), slack, log_level="WARNING")
             rotor.control.mkdir()
             (rotor.control / "block-sync").write_text("")  # the rotation waits at `sync`
-            rotor.start(ROTOR_HOST="127.0.0.1")  # loopback only, like the bare apps
+            rotor.start(ROTOR_BIND="127.0.0.1")  # loopback only, like the bare apps
             try:
                 start_ack = rotor.command("signon staging", user="U0ALICE").seconds
                 rotation_id = rotor.wait_status("signon", "staging", "active")["id"]
@@ -178,7 +183,7 @@ def main() -> None:
     for name in list(results)[1:]:
         ratio = p99 / percentile(results[name], 99)
         print(f"  p99 rotor / {name}: {ratio:.2f}x "
-              f"(target within 1.5x: {'met' if ratio <= 1.5 else 'MISSED'})")
+              f"(target within 1.3x: {'met' if ratio <= 1.3 else 'MISSED'})")
     print(f"  rotor p99 {p99:.1f} ms (target under 50 ms: {'met' if p99 < 50 else 'MISSED'})")
 
 

@@ -12,7 +12,8 @@ import click
 from bot.settings import Settings
 from bot.wiring import build_engine, setup_logging
 from rotation.engine import Engine
-from rotation.errors import RotorError
+from rotation.errors import NotAllowed, RotorError
+from rotation.policy import Policy, person
 from rotation.store import ACTIVE, AuditRow, RotationRow
 
 SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
@@ -32,6 +33,8 @@ class _Obj:
         self.second_line_told: str | None = None
         self._settings: Settings | None = None
         self._engine: Engine | None = None
+        self._actor: str | None = None
+        self._policy: Policy | None = None
 
     @property
     def settings(self) -> Settings:
@@ -43,12 +46,43 @@ class _Obj:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            from bot.notify import second_line_for_cli
+            from bot.notify import SlackSecondLine, second_line_for_cli
 
             ask = (lambda question: click.prompt(question)) if sys.stdin.isatty() else None
-            self._engine = build_engine(self.settings, second_line=second_line_for_cli(
-                self.settings, self.second_line_told, ask))
+            second_line = second_line_for_cli(self.settings, self.second_line_told, ask)
+            self._engine = build_engine(self.settings, second_line=second_line)
+            if isinstance(second_line, SlackSecondLine):  # notices once, even across retries
+                second_line.store = self._engine.store
         return self._engine
+
+    @property
+    def actor(self) -> str:
+        """The operator, from sts:GetCallerIdentity, as "U123 via arn:…" (or the bare ARN)."""
+        if self._actor is None:
+            from bot.identity import caller_arn
+            from rotation.policy import operator
+
+            catalogue = self.settings.catalogue
+            region = next((e.aws_region for e in catalogue.environments.values()), None)
+            self._actor = operator(catalogue, caller_arn(region)).actor
+        return self._actor
+
+    @property
+    def policy(self) -> Policy:
+        """The same rules as in Slack; user groups are looked up in Slack when it is set up."""
+        if self._policy is None:
+            settings = self.settings
+            if settings.slack_bot_token:
+                from bot import slack
+
+                members: Any = slack.GroupMembers(slack.web_client(settings.slack_bot_token,
+                                                                   settings.slack_api_url))
+            else:
+                def members(group: str) -> Any:
+                    raise NotAllowed(f"cannot check who is in user group {group} without "
+                                     "SLACK_BOT_TOKEN")
+            self._policy = Policy(settings.catalogue, members)
+        return self._policy
 
 
 class _Group(click.Group):
@@ -104,6 +138,8 @@ def plan(obj: _Obj, app: str, env: str) -> None:
     """Show the steps and what preflight finds. Changes nothing."""
     engine = obj.engine
     kind = engine.catalogue.app(app).engine
+    engine.catalogue.environment(env)
+    obj.policy.check_plan(obj.actor, env)
     steps, found = engine.plan(kind, app, env)
     click.echo(f"{kind} rotation of {app} in {env}:")
     for i, step in enumerate(steps, 1):
@@ -112,7 +148,8 @@ def plan(obj: _Obj, app: str, env: str) -> None:
     click.echo(f"preflight: {found}")
 
 
-def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
+def _drive(engine: Engine, policy: Policy, rotation_id: int, actor: str, yes: bool
+           ) -> NoReturn:
     """Run the rotation in the foreground until it finishes or needs someone else."""
     seen = max((r.id for r in engine.store.audit_rows(rotation_id)), default=0)
     wake = threading.Event()
@@ -137,6 +174,7 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
             _fail(f"rotation #{rotation.id} stopped at {step.name}: {step.error} "
                   f"(`rotor retry {rotation.id}` or `rotor cancel {rotation.id}`)")
         if step.status == "needs-approval" and step.decision is None and step.guided:
+            policy.check_start(actor, rotation.env)
             click.echo(f"» {step.name}: {step.gate_summary}")
             if click.confirm("  Done?", default=False):
                 engine.approve(rotation.id, step.name, actor)
@@ -144,9 +182,12 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
             _fail(f"rotation #{rotation.id} waits at {step.name} until it is done; run the same "
                   "command again then")
         if step.status == "needs-approval" and step.decision is None:
-            if engine.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
+            second = (engine.catalogue.four_eyes(rotation.env)
+                      and person(actor) == person(rotation.initiator))
+            if second or not policy.may_approve(actor, rotation.env):
                 if waiting_shown != "approval":
-                    click.echo(f"? {step.name} needs a second person in {rotation.env}: "
+                    who = "a second person" if second else "an approver"
+                    click.echo(f"? {step.name} needs {who} in {rotation.env}: "
                                f"`rotor approve {rotation.id}` (Ctrl-C leaves it resumable)")
                     waiting_shown = "approval"
                 wake.wait(0.25)  # the approval comes from another process: poll the store
@@ -176,7 +217,9 @@ def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
                      params: dict[str, Any] | None = None) -> NoReturn:
     """Start the rotation, or resume the active one, and drive it in the foreground."""
     engine = obj.engine
-    actor = obj.settings.actor
+    engine.catalogue.environment(env)
+    actor = obj.actor
+    obj.policy.check_start(actor, env)
     active = engine.store.find_active(kind, target, env)
     if active is not None:
         click.echo(f"resuming rotation #{active.id} ({active.phase}, {active.progress})")
@@ -185,7 +228,7 @@ def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
         rotation_id = engine.start(kind, target, env, actor, params or {}).id
         click.echo(f"started rotation #{rotation_id}: {kind} {target} in {env}")
     try:
-        _drive(engine, rotation_id, actor, yes)
+        _drive(engine, obj.policy, rotation_id, actor, yes)
     except KeyboardInterrupt:
         _fail(f"interrupted; rotation #{rotation_id} is resumable: run the same command again",
               130)
@@ -261,7 +304,8 @@ def status(obj: _Obj, rotation_id: int | None) -> None:
 @click.pass_obj
 def retry(obj: _Obj, rotation_id: int) -> None:
     """Run a rotation's failed step again."""
-    rotation = obj.engine.retry(rotation_id, obj.settings.actor)
+    obj.policy.check_start(obj.actor, obj.engine.store.rotation(rotation_id).env)
+    rotation = obj.engine.retry(rotation_id, obj.actor)
     click.echo(f"rotation #{rotation.id}: retrying {rotation.current.name if rotation.current else '-'}"
                f"; continue it with `rotor rotate {rotation.target} {rotation.env}`")
 
@@ -271,7 +315,8 @@ def retry(obj: _Obj, rotation_id: int) -> None:
 @click.pass_obj
 def cancel(obj: _Obj, rotation_id: int) -> None:
     """Cancel a rotation, leaving the app on credentials that work."""
-    rotation = obj.engine.cancel(rotation_id, obj.settings.actor)
+    obj.policy.check_start(obj.actor, obj.engine.store.rotation(rotation_id).env)
+    rotation = obj.engine.cancel(rotation_id, obj.actor)
     if rotation.status == "cancelled":
         detail = obj.engine.store.audit_rows(rotation_id)[-1].detail
         click.echo(f"rotation #{rotation.id} cancelled: {detail}")
@@ -291,12 +336,19 @@ def approve(obj: _Obj, rotation_id: int, reject: bool) -> None:
     step = rotation.current
     if step is None or step.status != "needs-approval":
         _fail(f"rotation #{rotation_id} is not waiting for an approval ({rotation.phase})")
+    actor, policy = obj.actor, obj.policy
+    if step.guided:
+        policy.check_start(actor, rotation.env)
+    else:
+        policy.check_approve(actor, rotation.env)
+        if not reject:
+            policy.check_four_eyes(actor, rotation.env, rotation.initiator)
     click.echo(f"#{rotation_id} {step.name}: {step.gate_summary}")
     if reject:
-        engine.reject(rotation_id, step.name, obj.settings.actor)
+        engine.reject(rotation_id, step.name, actor)
         click.echo("rejected")
     else:
-        engine.approve(rotation_id, step.name, obj.settings.actor)
+        engine.approve(rotation_id, step.name, actor)
         click.echo("approved")
 
 
@@ -317,7 +369,13 @@ def keys(obj: _Obj, env: str | None) -> None:
     from rotation.iam import key_age_report
 
     engine = obj.engine
-    for name in [env] if env else list(engine.catalogue.environments):
+    names = [env] if env else list(engine.catalogue.environments)
+    for name in names:
+        engine.catalogue.environment(name)
+    allowed = [n for n in names if _may_see_keys(obj, n, only=env is None)]
+    if not allowed:
+        obj.policy.check_keys(obj.actor, names[0])  # says why, and who to ask
+    for name in allowed:
         report = key_age_report(engine.clients, engine.catalogue, name, engine.clock())
         click.echo(f"{name}: {len(report.overdue)} overdue (older than {report.max_age_days} "
                    f"days), {len(report.due_soon)} due soon ({report.warn_days} days or more); "
@@ -328,6 +386,17 @@ def keys(obj: _Obj, env: str | None) -> None:
                 "not in rotor.yml: rotate by hand"
             click.echo(f"  {state} {found.user:<32} key {found.slot} {found.age_days:>5} days "
                        f"old, last used {_when(found.last_used)}  {how}")
+
+
+def _may_see_keys(obj: _Obj, env: str, *, only: bool) -> bool:
+    """Key ages need starter or approver rights; without an ENV, the environments you may."""
+    try:
+        obj.policy.check_keys(obj.actor, env)
+    except NotAllowed:
+        if not only:
+            raise
+        return False
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

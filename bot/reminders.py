@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
 
-from handlers import messages
+from handlers import reminder_messages
 from rotation import iam
 from rotation.catalogue import Catalogue
 from rotation.engine import Engine
@@ -156,11 +156,11 @@ class KeyAgeCheck(SlotJob):
             report = iam.key_age_report(self.engine.clients, self.catalogue, self.env, self.clock())
         except RotorError as exc:  # AccessDenied and the like: say so, once this slot
             log.warning("%s: %s", self.name, exc)
-            text, blocks = messages.key_age_failed(self.env, exc)
+            text, blocks = reminder_messages.key_age_failed(self.env, exc)
             self.post(channel=self.channel, text=text, blocks=blocks)
             return
         if "ts" not in state:
-            text, blocks = messages.key_age_summary(report)
+            text, blocks = reminder_messages.key_age_summary(report)
             response = self.post(channel=self.channel, text=text, blocks=blocks)
             state.update(channel=str(response["channel"]), ts=str(response["ts"]), users=[])
             save()
@@ -168,7 +168,7 @@ class KeyAgeCheck(SlotJob):
         for user_name, findings in report.by_user().items():
             if user_name in posted:
                 continue
-            text, blocks = messages.key_age_user(report, user_name, findings)
+            text, blocks = reminder_messages.key_age_user(report, user_name, findings)
             self.post(channel=state["channel"], thread_ts=state["ts"], text=text, blocks=blocks)
             state["users"].append(user_name)
             save()
@@ -195,7 +195,7 @@ class ApprovalReminders(SlotJob):
             thread = self._thread(rotation.id)
             if thread is None:
                 continue  # the reporter has not posted its root message yet
-            text, blocks = messages.still_waiting(rotation, step, now)
+            text, blocks = reminder_messages.still_waiting(rotation, step, now)
             self.post(channel=thread[0], thread_ts=thread[1], text=text, blocks=blocks)
             reminded.append(rotation.id)
             save()

@@ -28,6 +28,7 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
+from bot.notify import NOT_IN_CHANNEL, join
 from bot.slack import SLACK_ERRORS
 from handlers import messages
 from rotation.engine import Engine
@@ -86,6 +87,8 @@ class Reporter:
         self.max_backoff = max_backoff
         self.owner = f"{engine.worker_id}:reporter:{uuid.uuid4().hex[:4]}"
         self._failures = 0
+        self.problem: str | None = None  # a channel Rotor cannot use (shown on /readyz)
+        self._joined: set[str] = set()
         self._resync = True  # on start, refresh every active rotation's root message
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -154,6 +157,7 @@ class Reporter:
                 self._wake.set()
             if not stuck:
                 self._resync = False
+                self.problem = None
             return not stuck
         except LostLock:
             return False
@@ -183,7 +187,7 @@ class Reporter:
             try:
                 self._deliver_row(state, rotation, row)
             except SLACK_ERRORS as exc:
-                if _transient(exc):
+                if _transient(exc) or self._not_in_channel(state, exc):
                     log.warning("reporter: #%s %s: Slack unavailable (%s); will retry",
                                 rotation_id, row.event, _reason(exc))
                     self._save(rotation_id, state)
@@ -203,7 +207,7 @@ class Reporter:
                 state.synced = state.cursor
             self._save(rotation_id, state)
         except SLACK_ERRORS as exc:
-            if not _transient(exc):
+            if not _transient(exc) and not self._not_in_channel(state, exc):
                 log.error("reporter: #%s: Slack refused the update (%s)", rotation_id,
                           _reason(exc))
                 return None
@@ -212,6 +216,31 @@ class Reporter:
             self._save(rotation_id, state)
             return state.cursor  # read this rotation's last row again: it brings it back
         return None
+
+    def _not_in_channel(self, state: Delivery, exc: Exception) -> bool:
+        """Rotor may not post or read in the channel: join it if it is public, otherwise say
+        so on /readyz. Either way the rows wait (nothing is skipped) and are retried."""
+        if not (isinstance(exc, SlackApiError)
+                and exc.response.get("error") in NOT_IN_CHANNEL):
+            return False
+        channel = state.channel or self.store.get_kv(CHANNEL_ID) or self.channel
+        try:
+            join(self.client, channel)
+            log.info("reporter: joined %s to read what Rotor posted there", channel)
+        except SLACK_ERRORS as failed:
+            log.debug("reporter: could not join %s: %s", channel, _reason(failed))
+        self.problem = (f"Rotor cannot post or read in {self.channel} "
+                        f"({exc.response.get('error')}): invite @rotor there "
+                        "(`/invite @rotor`); its messages wait until then")
+        return True
+
+    def _join_once(self, channel: str) -> None:
+        if channel not in self._joined:
+            self._joined.add(channel)
+            try:
+                join(self.client, channel)
+            except SLACK_ERRORS as exc:  # found out, and said, when a lookup needs it
+                log.warning("reporter: could not join %s (%s)", channel, _reason(exc))
 
     # -- what each event becomes ------------------------------------------------------------
 
@@ -242,9 +271,9 @@ class Reporter:
         elif event in ("approved", "rejected"):
             self._close(state, rotation, f"approval:{step}", event, row)
             if event == "rejected":
-                failed = replace(row, detail=f"rejected by {messages.user(row.actor)}")
-                self._post_open(state, rotation, row, f"failed:{step}", failed.detail,
-                                *messages.failure(rotation, failed))
+                self._post_open(state, rotation, row, f"failed:{step}", row.detail,
+                                *messages.failure(rotation, row, rejected_by=row.actor))
+                state.open[f"failed:{step}"]["rejected_by"] = row.actor
         elif event == "held":
             self._close(state, rotation, f"hold:{step}", "held", row)
             note = f"Held by {messages.user(row.actor)} {messages.when(row.at)}; it needs " \
@@ -350,6 +379,7 @@ class Reporter:
                 found = (str(response["channel"]), str(response["ts"]))
                 if self.store.get_kv(CHANNEL_ID) != found[0]:
                     self.store.set_kv(CHANNEL_ID, found[0])
+            self._join_once(found[0])  # a lost answer is looked for in its history
             state.channel, state.root = found
             state.in_flight = None
             self._save(rotation.id, state)
@@ -381,7 +411,8 @@ class Reporter:
             return
         if key.startswith("failed:"):
             failed = replace(row, step=message["step"], detail=message["text"])
-            text, blocks = messages.failure_closed(rotation, failed, how, row.actor, row.at)
+            text, blocks = messages.failure_closed(rotation, failed, how, row.actor, row.at,
+                                                   message.get("rejected_by"))
         else:
             if how == "approved" and message.get("guided"):
                 how = "done"

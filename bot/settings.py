@@ -21,9 +21,9 @@ class Settings:
     slack_signing_secret: str | None = field(default=None, repr=False)
     slack_api_url: str | None = None
     port: int = 3000
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # ROTOR_BIND: the address `rotor serve` listens on
+    http_timeout: float = 10.0  # ROTOR_HTTP_TIMEOUT: idle or half-sent connections close
     log_level: str = "INFO"
-    actor: str = "cli"
     # "module:attribute" naming a dict of extra rotation kinds (tests and plug-ins).
     extra_kinds: str | None = None
 
@@ -32,7 +32,6 @@ class Settings:
              config_path: str | None = None) -> Settings:
         env = os.environ if environ is None else environ
         path = config_path or env.get("ROTOR_CONFIG") or "rotor.yml"
-        user = env.get("ROTOR_ACTOR") or env.get("USER") or "unknown"
         return cls(
             config_path=path,
             state_path=env.get("ROTOR_STATE") or "rotor.db",
@@ -43,8 +42,8 @@ class Settings:
             slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
             slack_api_url=env.get("SLACK_API_URL") or None,
             port=int(env.get("PORT") or 3000),
-            host=env.get("ROTOR_HOST") or "0.0.0.0",
+            host=env.get("ROTOR_BIND") or "0.0.0.0",
+            http_timeout=float(env.get("ROTOR_HTTP_TIMEOUT") or 10),
             log_level=env.get("ROTOR_LOG_LEVEL") or "INFO",
-            actor=f"cli:{user}",
             extra_kinds=env.get("ROTOR_EXTRA_KINDS") or None,
         )

@@ -96,11 +96,91 @@ class GroupMembers:
             users = frozenset(self.client.usergroups_users_list(usergroup=group)["users"])
         except SLACK_ERRORS as exc:  # Slack's answer decides a permission: fail closed, say why
             log.warning("policy: could not list members of %s: %s", group, exc)
-            raise NotAllowed(f"could not check who is in <!subteam^{group}> (Slack did not "
+            raise NotAllowed(f"could not check who is in user group {group} (Slack did not "
                              "answer); try again in a minute") from None
         with self._lock:
             self._cache[group] = (self.clock() + self.ttl, users)
         return users
+
+
+def _ids(*values: Any) -> set[str]:
+    return {v for v in values if isinstance(v, str) and v}
+
+
+def teams_of(body: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """Every workspace (team) and enterprise a request says its sender belongs to.
+
+    Slack names them in several places: the request's team, and for a click the user's own
+    team, which differs for someone from another organisation in a Slack Connect channel.
+    """
+    def part(key: str) -> dict[str, Any]:
+        value = body.get(key)
+        return value if isinstance(value, dict) else {}
+
+    team, user, event, enterprise = part("team"), part("user"), part("event"), part("enterprise")
+    teams = _ids(body.get("team_id"), team.get("id"), user.get("team_id"), body.get("user_team"),
+                 event.get("user_team"), event.get("team"))
+    enterprises = _ids(body.get("enterprise_id"), enterprise.get("id"),
+                       user.get("enterprise_id"), event.get("user_enterprise"))
+    return teams, enterprises
+
+
+class Workspace:
+    """Only the workspace Rotor is installed in (and its enterprise) may act.
+
+    The installed team and enterprise come from auth.test, asked once and remembered; on
+    Enterprise Grid, `slack.teams` in rotor.yml lists the other workspaces that may.
+    """
+
+    def __init__(self, client: WebClient, teams: Collection[str] = ()) -> None:
+        self.client = client
+        self.allowed = frozenset(teams)
+        self._installed: tuple[str | None, str | None] | None = None
+        self._lock = threading.Lock()
+
+    def installed(self) -> tuple[str | None, str | None] | None:
+        """(team, enterprise) from auth.test; None while Slack has not answered."""
+        with self._lock:
+            if self._installed is None:
+                try:
+                    answer = self.client.auth_test()
+                except SLACK_ERRORS as exc:
+                    log.warning("workspace: auth.test failed (%s); will ask again",
+                                type(exc).__name__)
+                    return None
+                self._installed = (answer.get("team_id") or None,
+                                   answer.get("enterprise_id") or None)
+                log.info("workspace: installed in team %s, enterprise %s", *self._installed)
+            return self._installed
+
+    def known(self) -> tuple[str | None, str | None] | None:
+        return self._installed
+
+    def verdict(self, body: dict[str, Any], installed: tuple[str | None, str | None] | None
+                = None) -> bool | None:
+        """Whether the sender's workspace may act; None when that is not known yet."""
+        installed = installed or self._installed
+        if installed is None:
+            return None
+        team, enterprise = installed
+        teams, enterprises = teams_of(body)
+        allowed = self.allowed | ({team} if team else set())
+        if not teams or not teams <= allowed:
+            return False
+        return all(found == enterprise for found in enterprises)
+
+    def check(self, body: dict[str, Any]) -> None:
+        """Raise NotAllowed, in one line, unless the sender's workspace may act."""
+        installed = self.installed()
+        if installed is None:
+            raise NotAllowed("Rotor cannot check your workspace yet (Slack did not answer); "
+                             "try again in a minute")
+        if not self.verdict(body, installed):
+            from handlers.messages import REFUSED_WORKSPACE
+
+            raise NotAllowed(REFUSED_WORKSPACE)
+
+
 
 
 def bolt_app(client: WebClient, signing_secret: str | None, *, socket_mode: bool) -> App:

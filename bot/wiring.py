@@ -39,6 +39,11 @@ def setup_logging(level: str = "INFO", stream: Any = None) -> None:
     # Client libraries log request bodies at DEBUG; keep them out of Rotor's log.
     for noisy in ("botocore", "boto3", "urllib3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Bolt logs whole request bodies, response_url included, at INFO and WARNING (rejected
+    # signatures, unhandled requests); Rotor logs its own one line for each instead.
+    logging.getLogger("slack_bolt").setLevel(max(logging.ERROR, root.level))
+    # waitress warns of every request that waits for a thread: a burst of commands is normal.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def build_engine(settings: Settings, *, clients: Any = None,

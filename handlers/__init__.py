@@ -39,6 +39,14 @@ class Links(Protocol):
     def thread_link(self, rotation: RotationRow) -> str | None: ...
 
 
+class Workspace(Protocol):
+    """Which Slack workspaces may act (bot.slack.Workspace)."""
+
+    def verdict(self, body: dict[str, Any]) -> bool | None: ...
+
+    def check(self, body: dict[str, Any]) -> None: ...
+
+
 @dataclass(frozen=True)
 class Deps:
     """What listeners need, made once by `bot.serve`."""
@@ -49,6 +57,7 @@ class Deps:
     links: Links
     client: Any
     channel: str
+    workspace: Workspace
 
     def first_time(self, body: dict[str, Any]) -> bool:
         """False when Slack re-sent a request this or another process already took."""
@@ -102,6 +111,13 @@ def enqueue(deps: Deps, name: str, body: dict[str, Any], respond: Any,
     reply = reply_to(respond, body, deps.client)
 
     def run() -> None:
+        try:
+            deps.workspace.check(body)
+        except RotorError as exc:
+            if body.get("response_url"):
+                raise
+            log.info("slack: %s refused: %s", name, exc)  # an event: nobody asked, say nothing
+            return
         if once and not deps.first_time(body):
             log.info("slack: %s re-sent by Slack; already handled", name)
             return

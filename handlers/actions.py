@@ -31,6 +31,7 @@ def approve(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None
         deps.policy.check_start(user, rotation.env)
     else:
         deps.policy.check_approve(user, rotation.env)
+        deps.policy.check_four_eyes(user, rotation.env, rotation.initiator)
     shown = target.get("shown")
     deps.engine.approve(rotation.id, step.name, user,
                         shown=str(shown) if shown is not None else None)

@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers import Deps, Reply, enqueue, messages, sender
+from handlers import Deps, Reply, enqueue, messages, reminder_messages, sender
 from rotation import iam
 from rotation.catalogue import Catalogue
-from rotation.errors import UnknownName
+from rotation.errors import NotAllowed, UnknownName
 
 COMPROMISED = "--compromised"
 # Other runbooks' subcommands and the rotation kind each starts.
@@ -42,7 +42,14 @@ class Command:
 
 def _usage(problem: str, **values: Any) -> Command:
     """A usage reply: `problem` names one of `messages.PROBLEMS`, or is the catalogue's text."""
-    text = messages.PROBLEMS[problem].format(**values) if problem in messages.PROBLEMS else problem
+    if problem in messages.PROBLEMS:
+        text = messages.PROBLEMS[problem].format(**{
+            key: messages.escape(value) if key in messages.TYPED else value
+            for key, value in values.items()})
+    elif problem.startswith("unknown subcommand or app"):  # messages.unknown_word: escaped
+        text = problem
+    else:  # the catalogue's words, which quote what was typed
+        text = messages.escape(problem)
     return Command("usage", reply=messages.usage(text))
 
 
@@ -163,6 +170,7 @@ def start(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
 
 def plan(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
     assert cmd.kind and cmd.target and cmd.env
+    deps.policy.check_plan(user, cmd.env)
     steps, found = deps.engine.plan(cmd.kind, cmd.target, cmd.env, cmd.params)
     reply(messages.plan(cmd.kind, cmd.target, cmd.env, steps, found))
 
@@ -195,8 +203,25 @@ def keys(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
     """The key-age check, for the asker: IAM's credential report of one or every environment."""
     engine = deps.engine
     envs = [cmd.env] if cmd.env else list(engine.catalogue.environments)
-    reply(messages.key_age_reply([iam.key_age_report(engine.clients, engine.catalogue, env,
+    allowed = [env for env in envs if _may_see_keys(deps, user, env)]
+    if not allowed:
+        deps.policy.check_keys(user, envs[0])  # says why, and who to ask
+    envs = allowed
+    reply(reminder_messages.key_age_reply([iam.key_age_report(engine.clients, engine.catalogue, env,
                                                      engine.clock()) for env in envs]))
+
+
+def _may_see_keys(deps: Deps, user: str, env: str) -> bool:
+    try:
+        deps.policy.check_keys(user, env)
+    except NotAllowed:
+        return False
+    return True
+
+
+def answer(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
+    """Help and usage, once the sender's workspace is known to be allowed."""
+    reply(cmd.reply or "")
 
 
 def cancel(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
@@ -221,11 +246,18 @@ WORK: dict[str, Callable[[Deps, Command, str, Reply], None]] = {
 def register(app: Any, deps: Deps) -> None:
     @app.command(messages.COMMAND)
     def rotate(ack: Any, command: dict[str, Any], body: dict[str, Any], respond: Any) -> None:
-        cmd = parse(command.get("text") or "", deps.engine.catalogue, deps.engine.kinds)
-        if cmd.reply is not None:
+        allowed = deps.workspace.verdict(body)
+        if allowed is False:
+            ack(text=messages.refused(NotAllowed(messages.REFUSED_WORKSPACE)))
+            return
+        # Slack sends the text with &, < and > as entities; the builders escape it once.
+        cmd = parse(messages.unescape(command.get("text") or ""), deps.engine.catalogue,
+                    deps.engine.kinds)
+        if cmd.reply is not None and allowed:
             ack(text=cmd.reply)
             return
         ack()
+        work = answer if cmd.reply is not None else WORK[cmd.verb]
         enqueue(deps, f"/rotate {cmd.verb}", body, respond,
-                lambda reply: WORK[cmd.verb](deps, cmd, sender(body), reply),
+                lambda reply: work(deps, cmd, sender(body), reply),
                 once=cmd.verb in MUTATING)

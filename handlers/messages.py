@@ -1,9 +1,15 @@
-"""Every string Rotor shows in Slack, and every Block Kit structure it sends.
+"""Every string Rotor shows in Slack, and every Block Kit structure it sends (the
+scheduler's key-age checks and nudges are in `handlers.reminder_messages`).
 
 Builders return `(text, blocks)`: `text` is the notification and screen-reader fallback,
 `blocks` what people see. Every builder's output goes through `rotation.redact`, so a secret
 that slipped into a step result or an error still never reaches Slack. Text a person typed is
 escaped before it is echoed, so `<!channel>` in a command stays text.
+
+Text from outside Rotor (names and errors from the databases, AWS and Kubernetes, and what
+people type, once Slack's own entities are undone) goes through one function, `escape`, at
+these builders and nowhere else. Rotor's own words, catalogue names (validated when rotor.yml
+loads), step names, and mentions Rotor makes from Slack IDs are not escaped.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 from rotation import redact
+from rotation.policy import PolicyRefusal, person, principal
 from rotation.store import ACTIVE, CANCELLED, DONE, AuditRow, RotationRow, StepRow
 
 # Action IDs of every button Rotor sends (manifest.yml and README.md list them too).
@@ -81,9 +88,25 @@ def redacted(builder: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def escape(text: str) -> str:
-    """Slack's three control characters, so typed text cannot become a mention or a link."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def escape(value: object) -> str:
+    """Text from outside Rotor, shown exactly as it is: the one escaping function.
+
+    `&`, `<` and `>` become Slack's entities, so nothing turns into a mention, a channel ping
+    or a link; the value sits in an inline code span, inside which Slack applies no `*bold*`,
+    `_italic_` or `~strike~`; a backtick, which would end the span, is shown as ˋ (U+02CB),
+    and a line break as a space (a span is one line).
+    """
+    text = (str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("`", "\u02cb").replace("\r", " ").replace("\n", " "))
+    return f"`{text}`" if text.strip() else ""
+
+
+def unescape(text: str) -> str:
+    """Undo Slack's encoding of typed text (`&amp;`, `&lt;`, `&gt;`), so it is escaped once."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+REFUSED_WORKSPACE = "only members of the workspace Rotor is installed in may use it"
 
 
 def when(ts: float | None) -> str:
@@ -95,12 +118,25 @@ def when(ts: float | None) -> str:
 
 
 def user(actor: str | None) -> str:
-    """Slack users as mentions; the CLI and Rotor itself by name."""
+    """Slack users as mentions (with "from the CLI" for an operator); Rotor by name; an
+    operator who maps to no one by their AWS principal."""
     if not actor:
         return "someone"
-    if actor[:1] in "UW" and actor[1:].isalnum() and actor.isupper():
-        return f"<@{actor}>"
-    return escape(actor)
+    who, via = person(actor), principal(actor)
+    if _is_user_id(who):
+        return f"<@{who}>" + (" (from the CLI)" if via else "")
+    if actor == "rotor":
+        return "Rotor"
+    return escape(who)
+
+
+def _is_user_id(text: str) -> bool:
+    return text[:1] in "UW" and text[1:].isalnum() and text.isupper() and len(text) > 2
+
+
+def _is_link(text: str) -> bool:
+    """A link Slack itself gave Rotor (a permalink): https, and nothing that ends a link."""
+    return text.startswith("https://") and not any(c in text for c in "<>|& \n")
 
 
 def value(rotation_id: int, step: str | None = None, **extra: Any) -> str:
@@ -145,29 +181,32 @@ def _actions(*buttons: dict[str, Any]) -> dict[str, Any]:
 # -- replies to commands and clicks (ephemeral) ------------------------------------------
 
 # What is wrong with a garbled /rotate, by name (handlers.commands fills in the values).
+# Values named in TYPED are what someone typed, and go through `escape`.
 PROBLEMS = {
-    "unknown-option": "unknown option {option!r} (the only option is {only})",
-    "misplaced-flag": "{flag} goes with starting a rotation, not with {verb!r}",
-    "no-arguments": "`{verb}` takes no arguments, got {got!r}",
+    "unknown-option": "unknown option {option} (the only option is {only})",
+    "misplaced-flag": "{flag} goes with starting a rotation, not with `{verb}`",
+    "no-arguments": "`{verb}` takes no arguments, got {got}",
     "one-id": "`{verb}` takes one rotation ID, like `{verb} 12`",
-    "not-an-id": "{word!r} is not a rotation ID; IDs are numbers, like `{verb} 12`",
+    "not-an-id": "{word} is not a rotation ID; IDs are numbers, like `{verb} 12`",
     "needs-app-env": "`{shape}` needs an app and an environment (environments: {envs})",
     "needs-args": "`{shape}` needs {args}",
-    "unexpected": "unexpected {extra!r} after `{shape}`",
+    "unexpected": "unexpected {extra} after `{shape}`",
     "swapped": "app first, then environment: `{fixed}`",
-    "invalid-target": "{target!r} is not a valid {what}",
+    "invalid-target": "{target} is not a valid {what}",
 }
+TYPED = ("option", "got", "word", "extra", "target")
 
 
 def unknown_word(word: str, closest: str | None) -> str:
-    hint = f" (did you mean {closest!r}?)" if closest else ""
-    return f"unknown subcommand or app {word!r}{hint}"
+    hint = f" (did you mean `{closest}`?)" if closest else ""
+    return f"unknown subcommand or app {escape(word)}{hint}"
 
 
 
 @redacted
 def usage(problem: str) -> str:
-    return f"{escape(problem)}\n{USAGE}"
+    """`problem` is Rotor's sentence, its typed values already through `escape`."""
+    return f"{problem}\n{USAGE}"
 
 
 @redacted
@@ -183,14 +222,20 @@ def not_available(what: str, kind: str) -> str:
 
 @redacted
 def refused(error: BaseException) -> str:
-    """A refused command or click: one line, why."""
+    """A refused command or click: one line, why. A policy refusal names people as mentions;
+    any other error's text is escaped (it may carry what someone typed, or a database's
+    words)."""
+    if isinstance(error, PolicyRefusal):
+        return (f":no_entry: {user(error.who)} may not {error.what} in {error.env}; ask "
+                f"{_who(error.ask)}")
     line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f":no_entry: {_keep_mentions(escape(line))}"
+    return f":no_entry: {escape(line)}"
 
 
-def _keep_mentions(text: str) -> str:
-    # Policy errors name people as <@U…> / <!subteam^S…>; keep those, escape the rest.
-    return re.sub(r"&lt;(@[UW][A-Z0-9]+|!subteam\^S[A-Z0-9]+)&gt;", r"<\1>", text)
+def _who(entries: Sequence[str]) -> str:
+    ids = [e for e in entries if re.fullmatch(r"[SUW][A-Z0-9]+", e)]
+    return ", ".join(f"<!subteam^{e}>" if e.startswith("S") else f"<@{e}>" for e in ids) \
+        or "anyone"
 
 
 @redacted
@@ -216,7 +261,7 @@ def plan(kind: str, target: str, env: str, steps: Sequence[Any], found: str) -> 
     for number, step in enumerate(steps, 1):
         mark = " _(destructive: needs approval)_" if step.destructive else ""
         lines.append(f"{number}. `{step.name}` {step.title}{mark}")
-    lines.append(f"Preflight found: {found or 'nothing to report'}")
+    lines.append(f"Preflight found: {escape(found) or 'nothing to report'}")
     return "\n".join(lines)
 
 
@@ -301,9 +346,10 @@ def phase_text(rotation: RotationRow) -> str:
                     "ask for it again")
         return f"waiting for approval of `{step.name}` since {when(step.gate_requested_at)}"
     if step.status == "waiting":
-        return f"`{step.name}` waiting for {step.wait_reason} since {when(step.waiting_since)}"
+        return (f"`{step.name}` waiting for {escape(step.wait_reason or '')} since "
+                f"{when(step.waiting_since)}")
     if step.status == "failed":
-        return f"stopped: `{step.name}` failed: {step.error}"
+        return f"stopped: `{step.name}` failed: {escape(step.error or '')}"
     if step.status == "running":
         return f"running `{step.name}`"
     return f"next: `{step.name}`"
@@ -312,14 +358,19 @@ def phase_text(rotation: RotationRow) -> str:
 def _checklist_line(step: StepRow) -> str:
     note = ""
     if step.status in ("done", "skipped") and step.result:
-        note = f": {step.result}"
+        note = f": {escape(_clip(step.result))}"
     elif step.status == "failed" and step.error:
-        note = f": {step.error}"
+        note = f": {escape(_clip(step.error))}"
     elif step.status == "waiting" and step.wait_reason:
-        note = f": waiting for {step.wait_reason}"
+        note = f": waiting for {escape(_clip(step.wait_reason))}"
     elif step.status == "needs-approval":
         note = ": needs approval"
-    return f"{SYMBOL.get(step.status, '•')} {step.position + 1}. {step.title}{note}"[:300]
+    return f"{SYMBOL.get(step.status, '•')} {step.position + 1}. {step.title}{note}"
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    """Shorten before escaping, so a cut never splits an entity or a code span."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @redacted
@@ -337,20 +388,20 @@ def root(rotation: RotationRow) -> Message:
 @redacted
 def step_result(rotation: RotationRow, row: AuditRow) -> Message:
     status = row.to_status or ""
-    text = f"{SYMBOL.get(status, '•')} `{row.step}` {status}" + (f": {row.detail}" if row.detail
-                                                                else "")
+    text = f"{SYMBOL.get(status, '•')} `{row.step}` {status}" + (f": {escape(row.detail)}"
+                                                                if row.detail else "")
     return text, [_section(text)]
 
 
 @redacted
 def waiting(rotation: RotationRow, row: AuditRow) -> Message:
-    text = f"{SYMBOL['waiting']} `{row.step}` waiting for {row.detail}"
+    text = f"{SYMBOL['waiting']} `{row.step}` waiting for {escape(row.detail or '')}"
     return text, [_section(text)]
 
 
 @redacted
 def resumed(rotation: RotationRow, row: AuditRow) -> Message:
-    text = f":repeat: `{row.step}` resumed after a restart ({row.detail})"
+    text = f":repeat: `{row.step}` resumed after a restart ({escape(row.detail or '')})"
     return text, [_section(text)]
 
 
@@ -363,6 +414,7 @@ def approval_request(rotation: RotationRow, step: StepRow, summary: str, destruc
         current = step.gate_summary == summary
         target = value(rotation.id, step.name,
                        shown=step.gate_digest[:16] if current else "superseded")
+    summary = escape(summary)
     if step.guided:
         text = f":point_right: `{step.name}` needs a person: {summary}"
         done = _button("Done", APPROVE, target, style="primary",
@@ -395,7 +447,7 @@ def approval_closed(rotation: RotationRow, step_name: str, summary: str, how: st
              "asked-again": ":repeat: Asked again", "cancelled": ":no_entry_sign: Cancelled"}
     by = f" by {user(actor)}" if how not in ("expired", "ran") else ""
     text = f"{marks.get(how, how)}{by} {when(at)}: `{step_name}`"
-    return text, [_section(f"{text}\n{summary}")]
+    return text, [_section(f"{text}\n{escape(summary)}")]
 
 
 @redacted
@@ -413,9 +465,14 @@ def reminder(rotation: RotationRow, step: StepRow, approvers: str) -> Message:
     return text, [_section(text)]
 
 
+def _failed(row: AuditRow, rejected_by: str | None) -> str:
+    why = f"rejected by {user(rejected_by)}" if rejected_by else escape(row.detail or "")
+    return f"{SYMBOL['failed']} `{row.step}` failed: {why}"
+
+
 @redacted
-def failure(rotation: RotationRow, row: AuditRow) -> Message:
-    text = f"{SYMBOL['failed']} `{row.step}` failed: {row.detail}"
+def failure(rotation: RotationRow, row: AuditRow, rejected_by: str | None = None) -> Message:
+    text = _failed(row, rejected_by)
     retry = _button("Retry", RETRY, value(rotation.id, row.step), style="primary")
     cancel = _button("Cancel rotation", CANCEL, value(rotation.id, row.step), style="danger",
                      confirm=_confirm("Cancel the rotation?",
@@ -426,9 +483,9 @@ def failure(rotation: RotationRow, row: AuditRow) -> Message:
 
 @redacted
 def failure_closed(rotation: RotationRow, row: AuditRow, how: str, actor: str | None,
-                   at: float | None) -> Message:
+                   at: float | None, rejected_by: str | None = None) -> Message:
     verb = {"retried": ":repeat: Retried", "cancelled": ":no_entry_sign: Cancelled"}.get(how, how)
-    text = f"{SYMBOL['failed']} `{row.step}` failed: {row.detail}"
+    text = _failed(row, rejected_by)
     return text, [_section(text), _context(f"{verb} by {user(actor)} {when(at)}")]
 
 
@@ -436,7 +493,7 @@ def failure_closed(rotation: RotationRow, row: AuditRow, how: str, actor: str | 
 def second_line_told(rotation: RotationRow, row: AuditRow, hold_until: float | None
                      ) -> Message:
     link = row.detail or ""
-    where = f"<{link}|the notice>" if link.startswith("http") else escape(link)
+    where = f"<{link}|the notice>" if _is_link(link) else escape(link)
     text = f":mega: 2nd line told before `{row.step}` runs ({where})."
     if not hold_until:
         return text, [_section(text)]
@@ -447,7 +504,7 @@ def second_line_told(rotation: RotationRow, row: AuditRow, hold_until: float | N
 @redacted
 def asked_for(rotation: RotationRow, row: AuditRow) -> Message:
     """Someone asked a rotation for something: to cancel, or what a step offers (roll back)."""
-    what = "a cancel" if row.event == "cancel-requested" else f"`{row.detail}`"
+    what = "a cancel" if row.event == "cancel-requested" else escape(row.detail or "")
     text = f":hourglass_flowing_sand: {user(row.actor)} asked for {what}"
     return text, [_section(text)]
 
@@ -472,7 +529,7 @@ def offers(rotation: RotationRow, step: StepRow, names: Sequence[str]) -> Messag
         buttons.append(_button(_request_label(name), REQUEST, request_value(rotation.id, name),
                                style="danger" if confirm else None,
                                confirm=_confirm(*confirm) if confirm else None))
-    return text, [_section(f"{text}\n{step.wait_reason or ''}".strip()),
+    return text, [_section(f"{text}\n{escape(step.wait_reason or '')}".strip()),
                   _context("The environment's starters and approvers may press it."),
                   _actions(*buttons)]
 
@@ -488,7 +545,8 @@ def offers_closed(rotation: RotationRow, step_name: str, names: Sequence[str],
 
 @redacted
 def cancelled(rotation: RotationRow, row: AuditRow) -> Message:
-    text = f":no_entry_sign: Cancelled by {user(row.actor)}: {row.detail or 'nothing to undo'}"
+    text = (f":no_entry_sign: Cancelled by {user(row.actor)}: "
+            f"{escape(row.detail or '') or 'nothing to undo'}")
     return text, [_section(text)]
 
 
@@ -509,9 +567,9 @@ def second_line_notice(rotation: RotationRow, step: StepRow, summary: str, appro
                        group: str | None, link: str | None) -> Message:
     """What 2nd line is told before a destructive step runs."""
     ping = f"<!subteam^{group}> " if group else ""
-    where = f" (<{link}|thread>)" if link else ""
+    where = f" (<{link}|thread>)" if link and _is_link(link) else ""
     text = (f"{ping}:warning: Rotor is about to run `{step.name}` on {rotation.target} in "
-            f"{rotation.env}: {summary}. Approved by {user(approved_by)}{where}.")
+            f"{rotation.env}: {escape(summary)}. Approved by {user(approved_by)}{where}.")
     hold = _button("Hold", HOLD, value(rotation.id, step.name), style="danger",
                    confirm=_confirm("Hold this step?", "It will need approving again.", "Hold"))
     return text, [_section(text), _actions(hold)]
@@ -534,90 +592,3 @@ def home(active: Sequence[RotationRow], links: dict[int, str | None]) -> dict[st
     blocks += [_section(_status_line(r, links.get(r.id))) for r in active] or [
         _context(f"No rotation is running. Start one with `{COMMAND} APP ENV`.")]
     return {"type": "home", "blocks": blocks[:100]}
-
-
-# -- key-age reminders and approval nudges (bot.reminders, `/rotate keys`) ---------------------
-
-from rotation.iam import KeyAgeReport, KeyFinding  # noqa: E402 (this section's own import)
-
-
-def _key_line(finding: KeyFinding) -> str:
-    mark = ":rotating_light:" if finding.overdue else ":warning:"
-    state = "overdue" if finding.overdue else "due soon"
-    used = when(finding.last_used) if finding.last_used else "never"
-    return (f"{mark} `{escape(finding.user)}` key {finding.slot} is *{finding.age_days} days "
-            f"old* ({state}; created {when(finding.created)}, last used {used})")
-
-
-def _key_counts(report: KeyAgeReport) -> str:
-    return (f"{len(report.overdue)} overdue (older than {report.max_age_days} days), "
-            f"{len(report.due_soon)} due soon ({report.warn_days} days or more), of "
-            f"{report.active_keys:,} active keys of {report.users:,} users")
-
-
-@redacted
-def key_age_summary(report: KeyAgeReport) -> Message:
-    """The one channel message of a key-age check; each user gets a thread reply."""
-    head = f"*Access keys in {report.env}*"
-    if not report.findings:
-        text = (f":white_check_mark: {head}: no active key is {report.warn_days} days old or "
-                f"more ({report.active_keys:,} active keys of {report.users:,} users)")
-        return text, [_section(text)]
-    text = f":key: {head}: {_key_counts(report)}."
-    users = len(report.by_user())
-    note = (f"One reply per user in the thread ({users}); \"Rotate now\" starts the rotation "
-            "for users in rotor.yml.")
-    return text, [_section(text), _context(f"Checked {when(report.checked_at)}. {note}")]
-
-
-@redacted
-def key_age_user(report: KeyAgeReport, user_name: str,
-                 findings: Sequence[KeyFinding]) -> Message:
-    """A thread reply for one user's old keys, with "Rotate now" when Rotor knows the user."""
-    lines = "\n".join(_key_line(f) for f in findings)
-    text = lines.split("\n")[0]
-    blocks: list[dict[str, Any]] = [_section(lines)]
-    if findings and findings[0].rotatable:
-        blocks.append(_actions(_button("Rotate now", ROTATE_KEY_NOW,
-                                       f"{user_name} {report.env}", style="primary")))
-    else:
-        blocks.append(_context(f"`{escape(user_name)}` is not in rotor.yml for {report.env}: "
-                               "rotate it by hand (runbook: AWS IAM Key Rotation), or add it "
-                               "to `iam_users`."))
-    return text, blocks
-
-
-@redacted
-def key_age_failed(env: str, error: BaseException) -> Message:
-    line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = (f":warning: The key-age check of {env} failed: {escape(line)}. Run "
-            f"`{COMMAND} keys {env}` to try again.")
-    return text, [_section(text)]
-
-
-@redacted
-def key_age_reply(reports: Sequence[KeyAgeReport]) -> str:
-    """`/rotate keys [ENV]`: every environment's findings, for the person who asked."""
-    parts = []
-    for report in reports:
-        parts.append(f"*Access keys in {report.env}*: {_key_counts(report)}")
-        parts += [_key_line(f) for f in report.findings[:40]]
-        if len(report.findings) > 40:
-            parts.append(f"… and {len(report.findings) - 40} more (`rotor keys {report.env}`)")
-    return "\n".join(parts)[:3900]
-
-
-@redacted
-def still_waiting(rotation: RotationRow, step: StepRow, now: float) -> Message:
-    """The daily reminder in a rotation's thread while a step waits for a person."""
-    whole = int((now - (step.gate_requested_at or now)) // 86400)
-    waited = f"{whole} day{'' if whole == 1 else 's'}"
-    if step.guided:
-        what = f"`{step.name}` has waited {waited} for someone to do it and click Done"
-    elif step.expired_at:
-        what = (f"`{step.name}` has waited {waited} for approval; the rotation is paused, "
-                "ask for the approval again to carry on")
-    else:
-        what = f"`{step.name}` has waited {waited} for approval"
-    text = f":bell: {what} (since {when(step.gate_requested_at)}). {_title(rotation)}."
-    return text, [_section(text)]

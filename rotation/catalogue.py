@@ -59,6 +59,8 @@ class Environment(_Model):
     notify_second_line: bool | None = None
     starters: tuple[str, ...] = ()
     approvers: tuple[str, ...] = ()
+    # CLI operators whose AWS principal matches no `operators:` pattern; off in production.
+    allow_unmapped_operators: bool | None = None
     restored_from: str | None = None
     restore_time: time | None = None
     timezone: str = "Europe/London"
@@ -175,6 +177,8 @@ class SlackConfig(_Model):
     hold_seconds: float = 0
     approval_reminder_minutes: float = 60
     approval_expiry_hours: float = 24
+    # Enterprise Grid: the workspaces (team IDs, T…) besides the installed one that may act.
+    teams: tuple[str, ...] = ()
 
 
 class Catalogue(_Model):
@@ -186,6 +190,18 @@ class Catalogue(_Model):
     key_age: KeyAge = KeyAge()
     secrets: dict[str, ManagedSecret] = Field(default_factory=dict)
     databases: dict[str, Database] = Field(default_factory=dict)
+    # CLI operators: AWS principal ARN patterns (fnmatch, `*` matches anything) -> Slack user ID.
+    operators: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("operators")
+    @classmethod
+    def _operator_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern, user in value.items():
+            if not pattern.startswith("arn:"):
+                raise ValueError(f"{pattern!r} is not an AWS principal ARN pattern (arn:…)")
+            if not re.fullmatch(r"[UW][A-Z0-9]{2,}", user):
+                raise ValueError(f"{pattern}: {user!r} is not a Slack user ID (U…)")
+        return value
 
     @field_validator("environments", "apps")
     @classmethod
@@ -261,6 +277,10 @@ class Catalogue(_Model):
     def notify_second_line(self, env: str) -> bool:
         flag = self.environment(env).notify_second_line
         return env == "production" if flag is None else flag
+
+    def allows_unmapped_operators(self, env: str) -> bool:
+        flag = self.environment(env).allow_unmapped_operators
+        return env != "production" if flag is None else flag
 
     def restored_into(self, source_env: str) -> list[str]:
         """Environments that an overnight restore copies from `source_env`."""

@@ -29,6 +29,7 @@ from rotation.errors import (
     UnknownName,
 )
 from rotation.facts import Facts, digest
+from rotation.policy import person
 from rotation.store import (
     ACTIVE,
     CANCELLED,
@@ -587,10 +588,11 @@ class Engine:
             raise InvalidTransition(f"rotation #{rotation.id} step {step.name} asks about "
                                     "something else now; approve its latest request")
         guided = (step.gate or "").startswith(GUIDE)
-        if step.gate_four_eyes and actor == rotation.initiator:
+        if step.gate_four_eyes and person(actor) == person(rotation.initiator):
             raise NotAllowed(f"this decision needs a second person: the one who started "
                              f"rotation #{rotation.id} cannot approve it")
-        if not guided and self.catalogue.four_eyes(rotation.env) and actor == rotation.initiator:
+        if (not guided and self.catalogue.four_eyes(rotation.env)
+                and person(actor) == person(rotation.initiator)):  # Slack and CLI alike
             raise NotAllowed(f"{rotation.env} needs a second person: the one who started "
                              f"rotation #{rotation.id} cannot approve it")
         self._decide(rotation, step, actor, "approved", "pending", next_run_at=self.clock())

@@ -77,6 +77,23 @@ AWS_ENV = {
 }
 
 
+ACCOUNT = "123456789012"  # moto's
+# People at the command line, as rotor.yml's `operators:` maps their role sessions.
+OPERATORS = {f"arn:aws:sts::{ACCOUNT}:assumed-role/*/{name}": user
+             for name, user in (("alice", "U0ALICE"), ("bob", "U0BOB"), ("carol", "U0CAROL"))}
+
+
+def operator_env(session: str, role: str = "govuk-admin") -> dict[str, str]:
+    """AWS credentials of a role session in moto's server, as `gds aws … --shell` gives:
+    sts:GetCallerIdentity names `arn:aws:sts::…:assumed-role/{role}/{session}`."""
+    url = moto_url()
+    credentials = moto_client("sts", url).assume_role(
+        RoleArn=f"arn:aws:iam::{ACCOUNT}:role/{role}", RoleSessionName=session)["Credentials"]
+    return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": credentials["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": credentials["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": credentials["SessionToken"], "AWS_DEFAULT_REGION": REGION}
+
+
 def moto_client(service: str, url: str | None = None, region: str = "eu-west-1") -> Any:
     """A boto3 client for moto's server (the one this process runs, unless `url` says)."""
     return boto3.client(service, endpoint_url=url or moto_url(), region_name=region,
@@ -294,16 +311,17 @@ class Rig:
         return moto_client(service, self.moto, self.region(env))
 
     def env(self) -> dict[str, str]:
-        """Environment for a `rotor` subprocess pointed at this rig."""
+        """Environment for a `rotor` subprocess pointed at this rig, run by Alice's role
+        session (OPERATORS maps it to U0ALICE)."""
         return {
             **os.environ,
             **AWS_ENV,
+            **operator_env("alice"),
             "AWS_ENDPOINT_URL": self.moto,
             "ROTOR_CONFIG": str(self.config_path),
             "ROTOR_STATE": str(self.state_path),
             "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": str(REPO),
-            "ROTOR_ACTOR": "alice",
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -349,6 +367,7 @@ class Rig:
                 }
             },
             "waits": waits,
+            "operators": OPERATORS,
         }
         text = json.dumps(config, indent=2)
         self.config_path.write_text(text + ("\n" + self.extra_config if self.extra_config else ""))

@@ -54,6 +54,10 @@ slack:
   approval_expiry_hours: %(expire)s
 waits: {first_check: 0.02, max_check: 0.2}
 key_age: {schedule: "0 0 29 2 *"}  # the scheduled key-age check (AWS) stays out of the way
+operators:
+  "arn:aws:sts::123456789012:assumed-role/*/alice": U0ALICE
+  "arn:aws:sts::123456789012:assumed-role/*/bob": U0BOB
+  "arn:aws:sts::123456789012:assumed-role/*/mallory": U0MALLORY
 """
 APPS = ("signon", "whitehall", "publisher", "collections", "content-store", "search-api",
         "frontend", "router", "email-alert-api", "link-checker-api", "locations-api",
@@ -95,6 +99,7 @@ class BotProcess:
     remind_minutes: float = 60
     expire_hours: float = 24
     log_level: str = "INFO"
+    host: str = "127.0.0.1"  # ROTOR_BIND: tests never listen beyond loopback
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -128,7 +133,7 @@ class BotProcess:
             "ROTOR_EXTRA_KINDS": "tests.slack_kinds:KINDS",
             "ROTOR_TEST_CONTROL": str(self.control), "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1", "ROTOR_LOG_LEVEL": self.log_level,
-            "ROTOR_HOST": "127.0.0.1",  # tests never listen beyond loopback
+            "ROTOR_BIND": self.host,
         })
         env.update(extra)
         return env
@@ -173,7 +178,7 @@ class BotProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def get(self, path: str) -> Answer:
         return self._request(urllib.request.Request(self.url + path))
@@ -202,11 +207,12 @@ class BotProcess:
 
     # -- what Slack sends -------------------------------------------------------------------
 
-    def command_body(self, text: str, user: str = "U0ALICE", trigger: str | None = None
-                     ) -> bytes:
+    def command_body(self, text: str, user: str = "U0ALICE", trigger: str | None = None,
+                     team: str = TEAM, **extra: str) -> bytes:
         n = next(self._ids)
         return urlencode({
-            "token": "legacy", "team_id": TEAM, "team_domain": "test", "channel_id": "C0DEV",
+            **extra,
+            "token": "legacy", "team_id": team, "team_domain": "test", "channel_id": "C0DEV",
             "channel_name": "govuk-developers", "user_id": user, "user_name": user.lower(),
             "command": "/rotate", "text": text, "api_app_id": "A0ROTOR",
             "response_url": self.slack.response_url(f"cmd-{n}"),
@@ -214,14 +220,18 @@ class BotProcess:
         }).encode()
 
     def command(self, text: str, user: str = "U0ALICE", **kwargs: Any) -> Answer:
-        return self.post(self.command_body(text, user), **kwargs)
+        body = {k: kwargs.pop(k) for k in ("team", "enterprise_id") if k in kwargs}
+        return self.post(self.command_body(text, user, **body), **kwargs)
 
     def action_body(self, action_id: str, value: str, user: str = "U0BOB",
-                    message: Message | None = None, trigger: str | None = None) -> bytes:
+                    message: Message | None = None, trigger: str | None = None,
+                    team: str = TEAM, user_team: str | None = None,
+                    enterprise: str | None = None) -> bytes:
         n = next(self._ids)
-        payload = {
-            "type": "block_actions", "team": {"id": TEAM, "domain": "test"},
-            "user": {"id": user, "username": user.lower(), "team_id": TEAM},
+        payload: dict[str, Any] = {
+            "type": "block_actions", "team": {"id": team, "domain": "test"},
+            "user": {"id": user, "username": user.lower(), "team_id": user_team or team},
+            "enterprise": {"id": enterprise, "name": "Org"} if enterprise else None,
             "api_app_id": "A0ROTOR", "token": "legacy",
             "trigger_id": trigger or f"trigger-{n}-{time.monotonic_ns()}",
             "container": {"type": "message", "message_ts": message.ts if message else "1.0",
@@ -237,6 +247,21 @@ class BotProcess:
     def click(self, button: dict[str, Any], user: str = "U0BOB", **kwargs: Any) -> Answer:
         body = self.action_body(button["action_id"], button["value"], user, **kwargs)
         return self.post(body)
+
+    def raw(self, head: bytes, body: bytes = b"", timeout: float = 10) -> bytes:
+        """Send bytes as they are (a request no HTTP client would make); the raw answer."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as conn:
+            conn.sendall(head + body)
+            chunks = []
+            while True:
+                try:
+                    chunk = conn.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return b"".join(chunks)
 
     def event(self, event: dict[str, Any]) -> Answer:
         body = json.dumps({"token": "legacy", "team_id": TEAM, "api_app_id": "A0ROTOR",

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rotation.mysql import KIND
-from tests.rig import ContinuityProbe, Rig, read_state, rig
+from tests.rig import ContinuityProbe, Rig, operator_env, read_state, rig
 from tests.waiting import wait_for
 
 STEPS = [s.name for s in KIND.steps(None, "x", "staging", {})]  # type: ignore[arg-type]
@@ -28,7 +28,7 @@ def rotor(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         world.rotor() + list(args),
-        env={**world.env(), "ROTOR_ACTOR": actor},
+        env={**world.env(), **operator_env(actor)},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -136,7 +136,7 @@ def test_production_needs_a_second_person_and_2nd_line_told_first(world):
     proc = subprocess.Popen(
         world.rotor() + ["rotate", world.app, "production", "--yes",
                          "--second-line-told", "phoned Sam on the 2nd line rota"],
-        env=world.env(), cwd=world.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**world.env(), **operator_env("alice")}, cwd=world.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     wait_for(lambda: _statuses_while_running(world, proc),
              lambda statuses: statuses.get("drop-old-user") == "needs-approval",
@@ -154,12 +154,14 @@ def test_production_needs_a_second_person_and_2nd_line_told_first(world):
     assert notice and "phoned Sam on the 2nd line rota" in notice[0][2]
     names = [e[0] for e in events]
     assert names.index("approved") < names.index("second-line-notified") < names.index("finished")
-    assert ("approved", "cli:bob", ) == events[names.index("approved")][:2]
+    approved_by = "U0BOB via arn:aws:sts::123456789012:assumed-role/govuk-admin/bob"
+    assert ("approved", approved_by) == events[names.index("approved")][:2]
 
 
 def test_production_without_slack_or_a_word_from_the_operator_drops_nothing(world):
     proc = subprocess.Popen(world.rotor() + ["rotate", world.app, "production"],
-                            env=world.env(), cwd=world.workdir, stdin=subprocess.DEVNULL,
+                            env={**world.env(), **operator_env("alice")}, cwd=world.workdir,
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: _statuses_while_running(world, proc),
              lambda statuses: statuses.get("drop-old-user") == "needs-approval",

@@ -53,7 +53,7 @@ def test_rotate_key_from_the_cli_waits_for_the_switch_and_resumes(tmp_path):
     }))
     state = tmp_path / "rotor.db"
     env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": url, "ROTOR_CONFIG": str(config),
-           "ROTOR_STATE": str(state), "PYTHONPATH": str(REPO), "ROTOR_ACTOR": "alice",
+           "ROTOR_STATE": str(state), "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bot.cli", "rotate-key", user, "staging", "--yes"]
 

@@ -203,7 +203,7 @@ def test_an_aws_failure_is_said_once_in_the_channel(world, slack):
         key_age_job(world, slack).run()
         key_age_job(world, slack).run()
     [root] = slack.roots()
-    assert "key-age check of staging failed: AccessDenied" in root.text
+    assert "key-age check of staging failed: `AccessDenied" in root.text
 
 
 # -- the schedule ------------------------------------------------------------------------------

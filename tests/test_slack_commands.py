@@ -53,29 +53,29 @@ def test_the_grammar(text, verb, fields):
 
 
 @pytest.mark.parametrize("text, reply", [
-    ("signn staging", "unknown subcommand or app 'signn' (did you mean 'signon'?)"),
-    ("stauts", "unknown subcommand or app 'stauts' (did you mean 'status'?)"),
+    ("signn staging", "unknown subcommand or app `signn` (did you mean `signon`?)"),
+    ("stauts", "unknown subcommand or app `stauts` (did you mean `status`?)"),
     ("signon stagin", "unknown environment 'stagin' (did you mean 'staging'?)"),
     ("plan signon prod", "unknown environment 'prod'"),
     ("plan sigon staging", "unknown app 'sigon' (did you mean 'signon'?)"),
     ("staging signon", "app first, then environment: `signon staging`"),
     ("signon", "needs an app and an environment (environments: staging, production)"),
     ("plan signon", "`plan APP ENV` needs an app and an environment"),
-    ("signon staging now", "unexpected 'now' after `APP ENV`"),
-    ("status signon staging x", "unexpected 'x'"),
+    ("signon staging now", "unexpected `now` after `APP ENV`"),
+    ("status signon staging x", "unexpected `x`"),
     ("list all", "`list` takes no arguments"),
     ("cancel", "`cancel` takes one rotation ID"),
     ("retry 1 2", "`retry` takes one rotation ID"),
-    ("cancel abc", "'abc' is not a rotation ID"),
-    ("status 1e3", "'1e3' is not a rotation ID"),
-    ("signon staging --force", "unknown option '--force'"),
+    ("cancel abc", "`abc` is not a rotation ID"),
+    ("status 1e3", "`1e3` is not a rotation ID"),
+    ("signon staging --force", "unknown option `--force`"),
     ("status --compromised", "--compromised goes with starting a rotation"),
     ("key", "`key USER ENV` needs USER and ENV"),
-    ("key al;ce staging", "'al;ce' is not a valid USER"),
+    ("key al;ce staging", "`al;ce` is not a valid USER"),
     ("secret x moon", "unknown environment 'moon'"),
-    ("keys staging production", "unexpected 'production'"),
+    ("keys staging production", "unexpected `production`"),
     ("keys prod", "unknown environment 'prod'"),
-    ("<!channel> staging", "unknown subcommand or app '&lt;!channel&gt;'"),
+    ("<!channel> staging", "unknown subcommand or app `&lt;!channel&gt;`"),
 ])
 def test_garbled_input_gets_a_usage_line_naming_the_problem(text, reply):
     command = parse(text, CATALOGUE, KINDS)
@@ -111,9 +111,9 @@ def test_help_is_the_ack_itself(bot):
 
 
 @pytest.mark.parametrize("text, reply", [
-    ("signn staging", "did you mean 'signon'?"),
+    ("signn staging", "did you mean `signon`?"),
     ("signon stagng", "did you mean 'staging'?"),
-    ("signon staging extra", "unexpected 'extra'"),
+    ("signon staging extra", "unexpected `extra`"),
     ("cancel twelve", "is not a rotation ID"),
     ("", "*/rotate* runs credential rotations"),
 ])
@@ -200,7 +200,7 @@ def test_status_list_and_plan_answer_only_the_asker(bot, apps):
     bot.command(f"status {rotation['id']}")
     detail = bot.wait_reply(f"#{rotation['id']} mysql {app} in staging")
     assert "https://test.slack.example/archives/" in detail  # a link to the thread
-    assert "Create the new user: created" in detail
+    assert "Create the new user: `created" in detail
 
     bot.command(f"status {app} staging")
     bot.wait_reply(f"#{rotation['id']} mysql {app} in staging")
@@ -213,7 +213,7 @@ def test_status_list_and_plan_answer_only_the_asker(bot, apps):
     bot.command(f"plan {app} integration")
     plan = bot.wait_reply(f"*Plan: mysql rotation of {app} in integration*")
     assert "6. `drop-old-user` Drop the old user _(destructive: needs approval)_" in plan
-    assert f"Preflight found: user {app}_1 on 1 host" in plan
+    assert f"Preflight found: `user {app}_1 on 1 host" in plan
     assert bot.changes() == before
 
 

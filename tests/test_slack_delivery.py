@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fakes.slack_api import Call, FakeSlack
+from tests.rig import operator_env
 from tests.slack_kinds import STEPS
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once, running_bot
 
@@ -92,7 +93,7 @@ def test_a_restart_repeats_nothing_and_delivers_what_happened_while_down(tmp_pat
         # While the bot is down, a second person approves from the command line.
         approved = subprocess.run(
             [sys.executable, "-m", "bot.cli", "approve", str(rotation_id)],
-            env=first.env(ROTOR_ACTOR="U0BOB"), capture_output=True, text=True, timeout=60,
+            env=first.env(**operator_env("bob")), capture_output=True, text=True, timeout=60,
             cwd=tmp_path)
         assert approved.returncode == 0, approved.stderr
         updates_before = len(slack.calls_to("chat.update"))
@@ -106,7 +107,7 @@ def test_a_restart_repeats_nothing_and_delivers_what_happened_while_down(tmp_pat
         finally:
             second.stop()
         assert len(slack.calls_to("chat.update")) > updates_before  # the root was re-synced
-        assert any("Approved by" in m.text for m in second.thread(rotation_id))
+        second.thread_text(rotation_id, "Approved by <@U0BOB> (from the CLI)")
         assert_posted_once(slack, rotation_id)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,31 @@ def test_every_subcommand_is_in_the_readme(sub):
 @pytest.mark.parametrize("action_id", messages.ACTIONS)
 def test_every_button_is_in_the_readme(action_id):
     assert f"`{action_id}`" in README, f"README.md does not mention the `{action_id}` button"
+
+
+# The bot scopes each Web API method Rotor calls needs (https://api.slack.com/methods).
+SCOPES = {
+    "chat_postMessage": {"chat:write", "chat:write.public"},  # public channels uninvited
+    "chat_update": {"chat:write"},
+    "chat_postEphemeral": {"chat:write"},
+    "chat_getPermalink": set(),
+    "conversations_history": {"channels:history", "groups:history"},
+    "conversations_replies": {"channels:history", "groups:history"},
+    "conversations_join": {"channels:join"},
+    "conversations_list": {"channels:read", "groups:read"},
+    "usergroups_users_list": {"usergroups:read"},
+    "views_publish": set(),
+    "auth_test": set(),
+}
+METHOD = re.compile(r"\b((?:chat|conversations|usergroups|views|auth|users|reactions|files|"
+                    r"apps|bots|pins|reminders|dnd|emoji|search|stars)_[a-z][A-Za-z_]*)\b")
+
+
+def test_the_manifest_scopes_are_exactly_what_the_web_api_calls_need():
+    called = set()
+    for path in [*(REPO / "bot").glob("*.py"), *(REPO / "handlers").glob("*.py")]:
+        called |= set(METHOD.findall(path.read_text()))
+    unknown = called - set(SCOPES)
+    assert not unknown, f"add the scopes of {sorted(unknown)} to SCOPES and manifest.yml"
+    needed = {"commands"}.union(*(SCOPES[method] for method in called))
+    assert set(MANIFEST["oauth_config"]["scopes"]["bot"]) == needed

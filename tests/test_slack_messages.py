@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, replace
 from typing import Any
 
-from handlers import messages
+import pytest
+
+from handlers import messages, reminder_messages
 from rotation import redact
 from rotation.store import RotationRow, StepRow
 
@@ -62,8 +65,137 @@ def test_every_builder_output_is_redacted():
                                                        False))
 
 
-def test_typed_text_cannot_mention_anyone_but_policy_mentions_survive():
-    assert "<!channel>" not in messages.usage("unknown app '<!channel>'")
-    refused = messages.refused(RuntimeError("<@U0BOB> may not approve; ask <!subteam^S0SRE>"))
-    assert refused == ":no_entry: <@U0BOB> may not approve; ask <!subteam^S0SRE>"
-    assert messages.refused(RuntimeError("x <!here> y")) == ":no_entry: x &lt;!here&gt; y"
+def test_policy_refusals_keep_their_mentions_and_other_errors_are_escaped():
+    from rotation.policy import PolicyRefusal
+
+    refused = messages.refused(PolicyRefusal("U0BOB", "approve", "production", ["S0SRE"]))
+    assert refused == ":no_entry: <@U0BOB> may not approve in production; ask <!subteam^S0SRE>"
+    assert messages.refused(RuntimeError("x <!here> y")) == ":no_entry: `x &lt;!here&gt; y`"
+
+
+# -- text from outside Rotor, through every builder ----------------------------------------
+
+from handlers.commands import parse  # noqa: E402
+from rotation.catalogue import parse as parse_catalogue  # noqa: E402
+from rotation.iam import KeyAgeReport, KeyFinding  # noqa: E402
+from rotation.store import AuditRow  # noqa: E402
+
+HOSTILE = "<!channel> <@U0EVIL> <https://x|Approve> & *bold* _it_ ~gone~ `code`"
+
+
+def literally(value: str) -> str:
+    """How Slack shows `value` as typed: in a code span (no *bold*, _italic_ or ~strike~),
+    with Slack's three entities, and a backtick that cannot close the span."""
+    entities = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "`" + entities.replace("`", "\u02cb") + "`"
+
+
+SHOWN = literally(HOSTILE)
+WORD = "<!channel>&*bold*_it_~gone~`code`<@u0evil>"  # typed (the parser lower-cases it)
+TOLD = f"told by the operator: {HOSTILE}"
+EXPECTED = {"usage": literally(WORD), "second_line_told": literally(TOLD)}
+# What must never reach Slack: a live mention, ping or link, a doubly escaped entity, or a
+# backtick that closes Rotor's code span and lets the rest format.
+LIVE = ("<!channel>", "<@U0EVIL>", "<https://x", "&amp;amp;", "&amp;lt;", "`code`")
+
+
+def hostile_rotation() -> RotationRow:
+    steps = (step(position=0, name="preflight", title="Preflight", destructive=0,
+                  status="done", result=HOSTILE),
+             step(position=1, name="sync", title="Sync", destructive=0, status="waiting",
+                  wait_reason=HOSTILE, waiting_since=1.8e9),
+             step(position=2, name="login", title="Log in", destructive=0, status="failed",
+                  error=HOSTILE),
+             step(position=3, gate="drop", gate_summary=HOSTILE))
+    return replace(rotation(*steps), cancel_requested_by=None)
+
+
+def row(**values: Any) -> AuditRow:
+    base = {"id": 9, "rotation_id": 7, "step": "drop-old-user", "event": "step",
+            "from_status": None, "to_status": "done", "actor": "U0ALICE", "at": 1.8e9,
+            "detail": HOSTILE}
+    return AuditRow(**{**base, **values})
+
+
+def failed_rotation() -> RotationRow:
+    failed = step(position=0, name="login", title="Log in", destructive=0, status="failed",
+                  error=HOSTILE)
+    return rotation(failed)
+
+
+def waiting_rotation() -> RotationRow:
+    waiting = step(position=0, name="sync", title="Sync", destructive=0, status="waiting",
+                   wait_reason=HOSTILE, waiting_since=1.8e9)
+    return rotation(waiting)
+
+
+FINDING = KeyFinding(user=HOSTILE, slot=1, created=1.7e9, last_used=None, age_days=120,
+                     overdue=True, rotatable=False)
+REPORT = KeyAgeReport(env="staging", checked_at=1.8e9, users=3, active_keys=4,
+                      max_age_days=90, warn_days=80, findings=(FINDING,))
+CATALOGUE = parse_catalogue("environments: {staging: {aws_region: eu-west-1}}\n"
+                            "apps: {signon: {engine: mysql}}\n")
+R = hostile_rotation()
+GATE = R.steps[3]
+
+# Every builder, fed what comes from outside Rotor (None: it takes nothing from outside).
+BUILDERS: dict[str, Any] = {
+    "usage": lambda: parse(f"{WORD} staging", CATALOGUE, {}).reply,
+    "refused": lambda: messages.refused(RuntimeError(HOSTILE)),
+    "plan": lambda: messages.plan("mysql", "signon", "staging", [], HOSTILE),
+    "status": lambda: messages.status([R, failed_rotation(), waiting_rotation()], {}),
+    "status_detail": lambda: messages.status_detail(R, None),
+    "listing": lambda: messages.listing([failed_rotation(), waiting_rotation()], [R], {}),
+    "root": lambda: messages.root(R),
+    "step_result": lambda: messages.step_result(R, row()),
+    "waiting": lambda: messages.waiting(R, row()),
+    "resumed": lambda: messages.resumed(R, row()),
+    "approval_request": lambda: (messages.approval_request(R, GATE, HOSTILE, True, "anyone",
+                                                           True),
+                                 messages.approval_request(R, replace(GATE, gate="guide:x"),
+                                                           HOSTILE, False, "anyone", False)),
+    "approval_closed": lambda: messages.approval_closed(R, "drop-old-user", HOSTILE,
+                                                        "approved", "U0BOB", 1.8e9),
+    "failure": lambda: messages.failure(R, row(to_status="failed")),
+    "failure_closed": lambda: messages.failure_closed(R, row(), "retried", "U0BOB", 1.8e9),
+    "second_line_told": lambda: messages.second_line_told(
+        R, row(detail=TOLD), None),
+    "asked_for": lambda: messages.asked_for(R, row(event="requested")),
+    "offers": lambda: messages.offers(R, waiting_rotation().steps[0], ["rollback"]),
+    "cancelled": lambda: messages.cancelled(R, row(event="cancelled")),
+    "second_line_notice": lambda: messages.second_line_notice(R, GATE, HOSTILE, "U0BOB",
+                                                              "S0SECONDLINE", None),
+    "home": lambda: messages.home([R, failed_rotation(), waiting_rotation()], {}),
+    "key_age_user": lambda: reminder_messages.key_age_user(REPORT, HOSTILE, [FINDING]),
+    "key_age_failed": lambda: reminder_messages.key_age_failed("staging", RuntimeError(HOSTILE)),
+    "key_age_reply": lambda: reminder_messages.key_age_reply([REPORT]),
+    # Rotor's own words, catalogue names and Slack IDs only:
+    "help_text": None, "not_available": None, "internal_error": None, "started": None,
+    "no_rotation_of": None, "cancel_requested": None, "retrying": None, "reminder": None,
+    "approval_expired": None, "offers_closed": None, "finished": None,
+    "key_age_summary": None, "still_waiting": None,
+}
+
+
+def test_every_builder_is_in_the_hostile_table():
+    builders = {name for module in (messages, reminder_messages)
+                for name, fn in vars(module).items()
+                if callable(fn) and hasattr(fn, "__wrapped__")}
+    assert builders == set(BUILDERS)
+
+
+@pytest.mark.parametrize("name", [n for n, fn in BUILDERS.items() if fn is not None])
+def test_text_from_outside_rotor_is_shown_literally_by_every_builder(name):
+    out = json.dumps(BUILDERS[name](), ensure_ascii=False)
+    shown = json.dumps(EXPECTED.get(name, SHOWN), ensure_ascii=False)[1:-1]
+    assert shown in out, f"{name} does not show the value escaped, once"
+    for live in LIVE:
+        assert live.lower() not in out.replace(shown, "").lower(), f"{name} lets {live!r} in"
+
+
+def test_the_one_escaping_function():
+    assert messages.escape(HOSTILE) == SHOWN == (
+        "`&lt;!channel&gt; &lt;@U0EVIL&gt; &lt;https://x|Approve&gt; &amp; *bold* _it_ "
+        "~gone~ \u02cbcode\u02cb`")
+    assert messages.escape("") == "" and messages.escape("a\nb") == "`a b`"
+    assert messages.unescape("&lt;!here&gt; &amp;lt;") == "<!here> &lt;"

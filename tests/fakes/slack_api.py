@@ -12,6 +12,10 @@ It can misbehave like Slack does:
 - `rate_limit(n, retry_after)` answers the next n calls with 429 and Retry-After;
 - `lose_responses(n)` takes the next n chat.postMessage calls, then drops the connection
   without answering, as when a response is lost on the way back.
+
+Channels have members, as in Slack: the bot posts in a public channel without being in it
+(chat:write.public), but reads its history only after conversations.join; a private channel
+(`make_private`) answers not_in_channel to everything until someone `invite`s the bot.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class FakeSlack:
     calls: list[Call] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     channels: dict[str, str] = field(default_factory=dict)  # "#name" -> ID
+    private: set[str] = field(default_factory=set)  # IDs of private channels
+    joined: set[str] = field(default_factory=set)  # IDs of channels the bot is in
     port: int = 0  # 0: any free port
 
     def __post_init__(self) -> None:
@@ -90,6 +96,7 @@ class FakeSlack:
         self._rate_limited = 0
         self._retry_after = 1
         self._lose = 0
+        self._lose_in: str | None = None
         self._server: ThreadingHTTPServer | None = None
 
     # -- running ---------------------------------------------------------------------------
@@ -148,9 +155,26 @@ class FakeSlack:
         with self._lock:
             self._rate_limited, self._retry_after = calls, retry_after
 
-    def lose_responses(self, posts: int) -> None:
+    def lose_responses(self, posts: int, channel: str | None = None) -> None:
+        """Lose the answers to the next `posts` posts (to `channel` only, when given)."""
         with self._lock:
-            self._lose = posts
+            self._lose, self._lose_in = posts, channel
+
+    def declare(self, name: str) -> str:
+        """A channel that exists before Rotor posts in it, as real ones do; its ID."""
+        with self._lock:
+            return self._channel_id(name)
+
+    def make_private(self, name: str) -> str:
+        with self._lock:
+            channel = self._channel_id(name)
+            self.private.add(channel)
+            return channel
+
+    def invite(self, name: str) -> None:
+        """Someone typed `/invite @rotor` in the channel."""
+        with self._lock:
+            self.joined.add(self._channel_id(name))
 
     # -- looking at what happened ----------------------------------------------------------
 
@@ -193,6 +217,9 @@ class FakeSlack:
             self.channels[channel] = f"C{len(self.channels) + 1:08d}"
         return self.channels[channel]
 
+    def _member(self, channel: str) -> bool:
+        return channel in self.joined
+
     def _find(self, channel: str, ts: str) -> Message | None:
         return next((m for m in self.messages if m.channel == channel and m.ts == ts), None)
 
@@ -210,7 +237,9 @@ class FakeSlack:
                                                                      "error": "ratelimited"}
             self.calls.append(Call(method, params, path))
             body = self._api(method, params)
-            if method == "chat.postMessage" and self._lose > 0 and body.get("ok"):
+            lost_here = self._lose_in is None or body.get("channel") == self.channels.get(
+                self._lose_in, self._lose_in)
+            if method == "chat.postMessage" and self._lose > 0 and body.get("ok") and lost_here:
                 self._lose -= 1
                 return 200, {}, None
             return 200, {}, body
@@ -225,6 +254,8 @@ class FakeSlack:
             if not p.get("channel"):
                 return {"ok": False, "error": "channel_not_found"}
             channel = self._channel_id(str(p["channel"]))
+            if channel in self.private and not self._member(channel):
+                return {"ok": False, "error": "not_in_channel"}
             ts = self._next_ts()
             thread = p.get("thread_ts") or None
             if thread and self._find(channel, str(thread)) is None:
@@ -257,8 +288,23 @@ class FakeSlack:
             if group not in self.groups:
                 return {"ok": False, "error": "no_such_subteam"}
             return {"ok": True, "users": self.groups[group]}
+        if method == "conversations.join":
+            channel = str(p.get("channel"))
+            if channel not in self.channels.values():
+                return {"ok": False, "error": "channel_not_found"}
+            if channel in self.private:
+                return {"ok": False, "error": "method_not_supported_for_channel_type"}
+            self.joined.add(channel)
+            return {"ok": True, "channel": {"id": channel}}
+        if method == "conversations.list":
+            listed = [{"id": cid, "name": name.lstrip("#"), "is_private": cid in self.private,
+                       "is_member": cid in self.joined} for name, cid in self.channels.items()
+                      if cid not in self.private or cid in self.joined]
+            return {"ok": True, "channels": listed, "response_metadata": {"next_cursor": ""}}
         if method in ("conversations.replies", "conversations.history"):
             channel = str(p.get("channel"))
+            if channel in self.channels.values() and not self._member(channel):
+                return {"ok": False, "error": "not_in_channel"}
             with_metadata = str(p.get("include_all_metadata")).lower() in ("1", "true")
             listed: list[Message]
             if method == "conversations.replies":
