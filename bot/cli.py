@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from bot.settings import Settings
 from bot.wiring import build_engine, setup_logging
 from rotation.engine import Engine
 from rotation.errors import RotorError
+from rotation.explain import check_kube_context, explain
 from rotation.store import ACTIVE, AuditRow, RotationRow
 
 SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
@@ -51,8 +53,28 @@ class _Obj:
         return self._engine
 
 
+class _Command(click.Command):
+    """An expected failure from the world (no credentials, AccessDenied, a database that
+    does not answer) becomes one line naming the environment; its trace goes to the log at
+    DEBUG. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RotorError as exc:
+            _fail(explain(exc, ctx.params.get("env")) or str(exc))
+        except Exception as exc:
+            message = explain(exc, ctx.params.get("env"))
+            if message is None:
+                raise
+            logging.getLogger("rotor.cli").debug("%s", type(exc).__name__, exc_info=True)
+            _fail(message)
+
+
 class _Group(click.Group):
     """Every RotorError becomes one line on stderr and exit 1; nothing else is caught."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -62,6 +84,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(package_name="rotor", message="rotor %(version)s")
 @click.option("--config", envvar="ROTOR_CONFIG", metavar="PATH",
               help="The catalogue (default ./rotor.yml).")
 @click.pass_context
@@ -212,6 +235,9 @@ TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_
 def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
     """Start, or resume, the rotation of APP's database credentials in ENV."""
     kind = obj.engine.catalogue.app(app).engine
+    environment = obj.engine.catalogue.environment(env)
+    check_kube_context(env, environment.kube_context,
+                       environment.kubeconfig or obj.settings.kubeconfig)
     _start_or_resume(obj, kind, app, env, yes, {"compromised": True} if compromised else {})
 
 

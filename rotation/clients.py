@@ -7,6 +7,7 @@ from typing import Any
 
 from rotation.aws import AwsClients
 from rotation.catalogue import Catalogue
+from rotation.explain import check_kube_context
 from rotation.kube import Kube
 
 
@@ -27,7 +28,9 @@ class Clients:
         with self._lock:
             if env not in self._kubes:
                 environment = self._catalogue.environment(env)
+                config_file = environment.kubeconfig or self._kubeconfig
+                check_kube_context(env, environment.kube_context, config_file)
                 self._kubes[env] = Kube.from_config(
                     environment.kube_context,
-                    config_file=environment.kubeconfig or self._kubeconfig)
+                    config_file=config_file)
             return self._kubes[env]
