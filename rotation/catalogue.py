@@ -7,7 +7,12 @@ Loading validates everything up front, and an error names the key and what is wr
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import re
+import types
+from collections.abc import Iterable
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +24,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rotation.errors import ConfigError, UnknownName
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+ROLE_ARN = re.compile(r"^arn:aws(-[a-z]+)*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+# A channel by name (`#govuk-developers`) or by ID (`C0123ABCD`, `G…` for an old private one).
+CHANNEL = re.compile(r"^(#[a-z0-9][a-z0-9._-]{0,79}|[CG][A-Z0-9]{8,})$")
+# What people call environments, and the names catalogues give them.
+ALIASES = {"prod": "production", "prd": "production", "live": "production",
+           "stage": "staging", "stg": "staging", "int": "integration", "dev": "development",
+           "develop": "development", "test": "testing", "qa": "testing"}
 TlsMode = Literal["disabled", "required", "verify"]
+
+
+@functools.cache
+def aws_regions() -> frozenset[str]:
+    """Every region botocore knows, read from its data file (no import of botocore)."""
+    spec = importlib.util.find_spec("botocore")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    data = json.loads((Path(spec.submodule_search_locations[0]) / "data" /
+                       "partitions.json").read_text())
+    return frozenset(name for partition in data["partitions"]
+                     for name in partition["regions"] if not name.endswith("-global"))
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {value!r} (an IANA name such as "
+                         "'Europe/London')") from None
+    return value
 
 
 class _Model(BaseModel):
@@ -66,10 +99,22 @@ class Environment(_Model):
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {value!r}") from None
+        return _check_timezone(value)
+
+    @field_validator("aws_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        known = aws_regions()
+        if known and value not in known:
+            raise ValueError(f"unknown AWS region {value!r}{_suggest(value, known)}")
+        return value
+
+    @field_validator("aws_role_arn")
+    @classmethod
+    def _role_arn(cls, value: str | None) -> str | None:
+        if value is not None and not ROLE_ARN.match(value):
+            raise ValueError(f"{value!r} is not an IAM role ARN "
+                             "(arn:aws:iam::123456789012:role/NAME)")
         return value
 
     @model_validator(mode="after")
@@ -148,6 +193,24 @@ class KeyAge(_Model):
     max_key_age_days: int = 90
     warn_days: int = 80
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        return _check_timezone(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        # Only a schedule someone wrote is checked, so the default costs no import.
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a cron expression (minute hour day month "
+                             f"weekday, e.g. '0 9 * * mon'): {exc}") from None
+        return value
+
 
 class ManagedSecret(_Model):
     """A secret with a Secrets Manager rotation function, and who must redeploy after it."""
@@ -176,6 +239,15 @@ class SlackConfig(_Model):
     approval_reminder_minutes: float = 60
     approval_expiry_hours: float = 24
 
+    @field_validator("channel", "second_line_channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        if not CHANNEL.match(value):
+            hint = f" (did you mean '#{value}'?)" if CHANNEL.match(f"#{value}") else ""
+            raise ValueError(f"channel {value!r} must be '#name' (lower case) or a channel "
+                             f"ID{hint}")
+        return value
+
 
 class Catalogue(_Model):
     environments: dict[str, Environment]
@@ -198,22 +270,27 @@ class Catalogue(_Model):
 
     @model_validator(mode="after")
     def _references_exist(self) -> Catalogue:
+        problems = []  # every one of them, one per line
         for env_name, env in self.environments.items():
             if env.restored_from and env.restored_from not in self.environments:
-                raise ValueError(f"environments.{env_name}.restored_from: no environment "
-                                 f"named {env.restored_from!r}")
+                problems.append(f"environments.{env_name}.restored_from: no environment named "
+                                f"{env.restored_from!r}"
+                                f"{_suggest(env.restored_from, self.environments)}")
         sections: list[tuple[str, dict[str, Any]]] = [
             ("apps", self.apps), ("iam_users", self.iam_users), ("secrets", self.secrets)]
         for section, entries in sections:
             for name, entry in entries.items():
                 for env_name in entry.environments:
                     if env_name not in self.environments:
-                        raise ValueError(f"{section}.{name}.environments.{env_name}: "
-                                         "no such environment")
+                        problems.append(f"{section}.{name}.environments.{env_name}: no such "
+                                        f"environment{_suggest(env_name, self.environments)}")
         for name, database in self.databases.items():
             for app_name in database.apps:
                 if app_name not in self.apps:
-                    raise ValueError(f"databases.{name}.apps: no app named {app_name!r}")
+                    problems.append(f"databases.{name}.apps: no app named {app_name!r}"
+                                    f"{_suggest(app_name, self.apps)}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def environment(self, name: str) -> Environment:
@@ -309,11 +386,28 @@ class AppTarget(_Model):
     db_ca_file: str | None
 
 
-def _suggest(name: str, known: dict[str, Any]) -> str:
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name someone most likely meant: an alias, a prefix, or a near spelling."""
     import difflib
 
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    names = sorted(known)
+    lower = name.lower()
+    alias = ALIASES.get(lower)
+    if alias in names:
+        return alias
+    for candidate in names:
+        if candidate.lower() == lower:
+            return candidate
+    prefixed = [n for n in names if lower and n.lower().startswith(lower)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    found = closest(name, known)
+    return f" (did you mean {found!r}?)" if found else ""
 
 
 def parse(text: str, source: str = "rotor.yml") -> Catalogue:
@@ -329,7 +423,11 @@ def parse(text: str, source: str = "rotor.yml") -> Catalogue:
     try:
         return Catalogue.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+        problems = _problems(exc)
+        if len(problems) == 1:
+            raise ConfigError(f"{source}: {problems[0]}") from None
+        listed = "".join(f"\n  {problem}" for problem in problems)
+        raise ConfigError(f"{source}: {len(problems)} problems:{listed}") from None
 
 
 def load(path: str | Path) -> Catalogue:
@@ -341,10 +439,49 @@ def load(path: str | Path) -> Catalogue:
     return parse(text, str(path))
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(part) for part in err["loc"])
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{key}: {message}" if key else message
+def _problems(exc: ValidationError) -> list[str]:
+    """Every error pydantic found, each naming its key; an unknown key suggests the known
+    one it most likely misspells, and then that key's "Field required" is not repeated."""
+    errors = exc.errors()
+    missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing"}
+    meant: set[tuple[Any, ...]] = set()
+    lines = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(loc[:-1])
+            found = closest(str(loc[-1]), fields) if fields else None
+            message = f"unknown key (did you mean {found!r}?)" if found else "unknown key"
+            if found:
+                meant.add((*loc[:-1], found))
+        for line in message.splitlines():
+            key = ".".join(str(part) for part in loc)
+            lines.append((loc, f"{key}: {line}" if key and not line.startswith(key) else line))
+    return [line for loc, line in lines if not (loc in missing and loc in meant)]
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model at `loc` (a path from the catalogue's top) accepts."""
+    import typing
+
+    annotation: Any = Catalogue
+    parts = list(loc)
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            options = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = options[0] if len(options) == 1 else None
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not parts:
+                return list(annotation.model_fields)
+            field = annotation.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif origin in (dict, tuple, list) and parts:
+            parts.pop(0)
+            annotation = typing.get_args(annotation)[-1 if origin is dict else 0]
+        else:
+            return []

@@ -81,7 +81,9 @@ def test_a_malformed_catalogue_names_the_key(world):
     world.config_path.write_text("environments: {staging: {aws_regio: x}}\n")
     result = rotor(world, "status")
     assert result.returncode == 1
-    assert "environments.staging.aws_region: Field required" in result.stderr
+    assert "environments.staging.aws_regio: unknown key (did you mean 'aws_region'?)" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _count(path: Path) -> int:

@@ -148,3 +148,9 @@ def test_the_trace_goes_to_the_log_at_debug(tmp_path):
     assert result.returncode == 1
     assert "NoCredentialsError" in result.stderr and "Traceback" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("rotor: no AWS credentials")
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "bot.cli", "--version"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and re.fullmatch(r"rotor \d+\.\d+\.\d+\n", result.stdout)

@@ -244,15 +244,13 @@ def test_a_slot_longer_ago_than_the_catch_up_window_is_left_alone(world, slack):
     assert slack.roots() == []
 
 
-def test_a_bad_cron_in_rotor_yml_is_one_clear_line(tmp_path, slack):
-    with mock_aws():
-        world = World(
-            tmp_path, CONFIG.replace("warn_days: 80", 'warn_days: 80, schedule: "0 9 * * someday"')
-        )
-        with pytest.raises(reminders.ConfigError, match="^key_age.schedule: '0 9 .*someday"):
-            reminders.schedule(
-                BackgroundScheduler(), world.engine, client(slack), world.catalogue, world.clock
-            )
+def test_a_bad_cron_in_rotor_yml_is_one_clear_line_when_it_is_loaded(tmp_path, slack):
+    from rotation import catalogue
+
+    text = CONFIG.replace("warn_days: 80", 'warn_days: 80, schedule: "0 9 * * someday"')
+    with pytest.raises(reminders.ConfigError,
+                       match="^rotor.yml: key_age.schedule: '0 9 .*someday.* is not a cron"):
+        catalogue.parse(text)
 
 
 # -- the daily approval nudge ------------------------------------------------------------------
