@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from bot.settings import Settings
-from bot.wiring import build_engine, setup_logging
-from rotation.engine import Engine
 from rotation.errors import RotorError
 from rotation.explain import check_kube_context, explain
-from rotation.store import ACTIVE, AuditRow, RotationRow
+
+if TYPE_CHECKING:  # `rotor --help` and `rotor status` import no kind and no client
+    from bot.settings import Settings
+    from rotation.engine import Engine
+    from rotation.store import AuditRow, RotationRow, Store
 
 SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
           "running": "▸", "pending": " "}
@@ -38,14 +38,30 @@ class _Obj:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from bot.settings import Settings
+            from bot.wiring import setup_logging
+
             self._settings = Settings.load(config_path=self.config)
             setup_logging(self._settings.log_level)
         return self._settings
 
     @property
+    def store(self) -> Store:
+        """The state DB alone: reading it needs neither the catalogue nor any client."""
+        if self._engine is not None:
+            return self._engine.store
+        import time
+
+        from bot.settings import state_path
+        from rotation.store import Store as StateStore
+
+        return StateStore(state_path(), clock=time.time)
+
+    @property
     def engine(self) -> Engine:
         if self._engine is None:
             from bot.notify import second_line_for_cli
+            from bot.wiring import build_engine
 
             ask = (lambda question: click.prompt(question)) if sys.stdin.isatty() else None
             self._engine = build_engine(self.settings, second_line=second_line_for_cli(
@@ -67,6 +83,8 @@ class _Command(click.Command):
             message = explain(exc, ctx.params.get("env"))
             if message is None:
                 raise
+            import logging
+
             logging.getLogger("rotor.cli").debug("%s", type(exc).__name__, exc_info=True)
             _fail(message)
 
@@ -137,6 +155,8 @@ def plan(obj: _Obj, app: str, env: str) -> None:
 
 def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
     """Run the rotation in the foreground until it finishes or needs someone else."""
+    from rotation.store import ACTIVE
+
     seen = max((r.id for r in engine.store.audit_rows(rotation_id)), default=0)
     wake = threading.Event()
     engine.on_change = lambda _id: wake.set()
@@ -271,7 +291,14 @@ _kind_command("rotate-admin", "rds-admin", "DATABASE",
 @click.pass_obj
 def status(obj: _Obj, rotation_id: int | None) -> None:
     """Show one rotation, or every active one and the most recent."""
-    store = obj.engine.store
+    import os
+
+    from bot.settings import state_path
+
+    if not os.path.exists(state_path()):
+        click.echo(f"no rotations yet (no state DB at {state_path()})")
+        return
+    store = obj.store
     if rotation_id is not None:
         _print_status(store.rotation(rotation_id))
         return

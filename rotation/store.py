@@ -269,7 +269,7 @@ class Store:
         self.clock = clock
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)  # no entry-point scan
         self._lock = threading.RLock()
         if self.path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")

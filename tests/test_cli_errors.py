@@ -154,3 +154,29 @@ def test_version():
     result = subprocess.run([sys.executable, "-m", "bot.cli", "--version"], capture_output=True,
                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and re.fullmatch(r"rotor \d+\.\d+\.\d+\n", result.stdout)
+
+
+HEAVY = {"boto3", "botocore", "kubernetes", "pydantic", "yaml", "pymysql", "psycopg",
+         "apscheduler", "slack_sdk", "slack_bolt"}
+PROBE = """
+import sys
+from bot.cli import main
+try:
+    main(sys.argv[2:], standalone_mode=False)
+finally:
+    print(sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1].split(","))))
+"""
+
+
+@pytest.mark.parametrize("command", [["--help"], ["status"]])
+def test_help_and_status_import_no_kind_and_no_client(tmp_path, command):
+    """What keeps them fast (benchmarks/cli_startup.py measures it)."""
+    from rotation.store import Store
+
+    Store(str(tmp_path / "rotor.db"), clock=lambda: 0.0)  # a state DB for status to read
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, ",".join(sorted(HEAVY)), *command], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), "ROTOR_STATE": str(tmp_path / "rotor.db"),
+             "ROTOR_CONFIG": str(REPO / "rotor.yml")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
