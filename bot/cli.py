@@ -17,6 +17,15 @@ if TYPE_CHECKING:  # `rotor --help` and `rotor status` import no kind and no cli
     from rotation.engine import Engine
     from rotation.store import AuditRow, RotationRow, Store
 
+# Exit codes of the commands that run a rotation (documented in the README).
+DONE, FAILED, PARKED, INTERRUPTED = 0, 1, 3, 130
+# Without --follow, a rotation whose next check is further off than this is left parked.
+PARK_SECONDS = 300
+# The command that starts, or resumes, each kind; `_kind_command` adds the rest.
+COMMANDS = {"mysql": "rotate", "postgres": "rotate"}
+# `rotor request ID WHAT`: what a person types, and the request the step offers.
+REQUESTS = {"roll-back": "rollback", "reactivate": "reactivate"}
+
 SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
           "running": "▸", "pending": " "}
 
@@ -153,8 +162,34 @@ def plan(obj: _Obj, app: str, env: str) -> None:
     click.echo(f"preflight: {found}")
 
 
-def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
-    """Run the rotation in the foreground until it finishes or needs someone else."""
+def resume_command(rotation: RotationRow) -> str:
+    """The exact command that carries this rotation on, for its kind."""
+    name = COMMANDS.get(rotation.kind)
+    if name is None:
+        return f"rotor status {rotation.id}"
+    flags = " --compromised" if rotation.params.get("compromised") else ""
+    return f"rotor {name} {rotation.target} {rotation.env}{flags}"
+
+
+def _park(engine: Engine, rotation: RotationRow) -> NoReturn:
+    """Leave a long wait to `rotor serve`, or to the same command later, and say so."""
+    step = rotation.current
+    assert step is not None and step.next_check_at is not None
+    click.echo(f"rotation #{rotation.id} is parked at {step.name}: it waits for "
+               f"{step.wait_reason}; Rotor checks again at {_when(step.next_check_at)}")
+    wanted = {engine_name: cli_name for cli_name, engine_name in REQUESTS.items()}
+    for offer in engine.offers(rotation):
+        if offer in wanted:
+            click.echo(f"  meanwhile: `rotor request {rotation.id} {wanted[offer]}`")
+    click.echo(f"  resume: `{resume_command(rotation)}` then (`rotor serve` carries it on "
+               "by itself), or add --follow to wait here")
+    sys.exit(PARKED)
+
+
+def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool,
+           follow: bool = False) -> NoReturn:
+    """Run the rotation in the foreground until it finishes or needs someone else; without
+    `follow`, return as soon as it parks in a wait longer than PARK_SECONDS."""
     from rotation.store import ACTIVE
 
     seen = max((r.id for r in engine.store.audit_rows(rotation_id)), default=0)
@@ -201,6 +236,10 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
                 engine.reject(rotation.id, step.name, actor)
             continue
         delay = max(0.0, (step.next_check_at or engine.clock()) - engine.clock())
+        if step.status == "waiting" and not follow and delay > PARK_SECONDS:
+            if waiting_shown:
+                click.echo()
+            _park(engine, rotation)
         if step.status == "waiting":
             waited = int(engine.clock() - (step.waiting_since or engine.clock()))
             line = f"… {step.name}: waiting for {step.wait_reason} ({waited}s)"
@@ -215,7 +254,7 @@ def _drive(engine: Engine, rotation_id: int, actor: str, yes: bool) -> NoReturn:
         wake.clear()
 
 
-def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
+def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool, follow: bool,
                      params: dict[str, Any] | None = None) -> NoReturn:
     """Start the rotation, or resume the active one, and drive it in the foreground."""
     engine = obj.engine
@@ -228,10 +267,10 @@ def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
         rotation_id = engine.start(kind, target, env, actor, params or {}).id
         click.echo(f"started rotation #{rotation_id}: {kind} {target} in {env}")
     try:
-        _drive(engine, rotation_id, actor, yes)
+        _drive(engine, rotation_id, actor, yes, follow)
     except KeyboardInterrupt:
         _fail(f"interrupted; rotation #{rotation_id} is resumable: run the same command again",
-              130)
+              INTERRUPTED)
 
 
 def _told(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -240,6 +279,9 @@ def _told(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 
 
 YES = click.option("--yes", is_flag=True, help="Approve every gate you are allowed to approve.")
+FOLLOW = click.option("--follow", is_flag=True,
+                      help="Stay through long waits (hours, days) instead of parking the "
+                           f"rotation when its next check is over {PARK_SECONDS // 60} min off.")
 TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_value=False,
                     help="Without Slack: how you told 2nd line (recorded in the audit).")
 
@@ -248,17 +290,19 @@ TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_
 @click.argument("app")
 @click.argument("env")
 @YES
+@FOLLOW
 @TOLD
 @click.option("--compromised", is_flag=True,
               help="Credentials are compromised: no overnight wait; every restored copy too.")
 @click.pass_obj
-def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
+def rotate(obj: _Obj, app: str, env: str, yes: bool, follow: bool, compromised: bool) -> None:
     """Start, or resume, the rotation of APP's database credentials in ENV."""
     kind = obj.engine.catalogue.app(app).engine
     environment = obj.engine.catalogue.environment(env)
     check_kube_context(env, environment.kube_context,
                        environment.kubeconfig or obj.settings.kubeconfig)
-    _start_or_resume(obj, kind, app, env, yes, {"compromised": True} if compromised else {})
+    _start_or_resume(obj, kind, app, env, yes, follow,
+                     {"compromised": True} if compromised else {})
 
 
 def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:
@@ -267,12 +311,14 @@ def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:
     @click.argument(argument.lower())
     @click.argument("env")
     @YES
+    @FOLLOW
     @TOLD
     @click.pass_obj
-    def command(obj: _Obj, env: str, yes: bool, **target: str) -> None:
-        _start_or_resume(obj, kind, target[argument.lower()], env, yes)
+    def command(obj: _Obj, env: str, yes: bool, follow: bool, **target: str) -> None:
+        _start_or_resume(obj, kind, target[argument.lower()], env, yes, follow)
 
     command.__doc__ = doc
+    COMMANDS[kind] = name
     main.command(name)(command)
 
 
@@ -316,7 +362,7 @@ def retry(obj: _Obj, rotation_id: int) -> None:
     """Run a rotation's failed step again."""
     rotation = obj.engine.retry(rotation_id, obj.settings.actor)
     click.echo(f"rotation #{rotation.id}: retrying {rotation.current.name if rotation.current else '-'}"
-               f"; continue it with `rotor rotate {rotation.target} {rotation.env}`")
+               f"; continue it with `{resume_command(rotation)}`")
 
 
 @main.command()
@@ -351,6 +397,25 @@ def approve(obj: _Obj, rotation_id: int, reject: bool) -> None:
     else:
         engine.approve(rotation_id, step.name, obj.settings.actor)
         click.echo("approved")
+
+
+@main.command()
+@click.argument("rotation_id", type=int)
+@click.argument("what", type=click.Choice(sorted(REQUESTS)))
+@FOLLOW
+@click.pass_obj
+def request(obj: _Obj, rotation_id: int, what: str, follow: bool) -> None:
+    """Ask a waiting step for what it offers (the Slack buttons): roll back a secret
+    rotation, or reactivate an old access key; then carry the rotation on."""
+    engine = obj.engine
+    engine.request(rotation_id, REQUESTS[what], obj.settings.actor)
+    click.echo(f"rotation #{rotation_id}: {what} requested")
+    try:
+        _drive(engine, rotation_id, obj.settings.actor, False, follow)
+    except KeyboardInterrupt:
+        rotation = engine.store.rotation(rotation_id)
+        _fail(f"interrupted; rotation #{rotation_id} is resumable: `{resume_command(rotation)}`",
+              INTERRUPTED)
 
 
 @main.command()

@@ -180,3 +180,43 @@ def test_help_and_status_import_no_kind_and_no_client(tmp_path, command):
              "ROTOR_CONFIG": str(REPO / "rotor.yml")}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_a_long_wait_parks_and_rotor_request_rolls_back(tmp_path):
+    """Without --follow, `rotor rotate-secret` returns at the hour-long grace period, saying
+    until when and how to resume; `rotor request ID roll-back` does what the button does."""
+    env = {"ROTOR_EXTRA_KINDS": "tests.parking_kind:KINDS", "ROTOR_ACTOR": "alice"}
+    parked = _run(tmp_path, "rotate-secret", "demo-secret", "staging", **env)
+    assert parked.returncode == 3, parked.stdout + parked.stderr
+    assert "rotation #1 is parked at grace: it waits for the grace period to end; Rotor " \
+           "checks again at " in parked.stdout
+    assert "meanwhile: `rotor request 1 roll-back`" in parked.stdout
+    assert "resume: `rotor rotate-secret demo-secret staging`" in parked.stdout
+
+    again = _run(tmp_path, "rotate-secret", "demo-secret", "staging", **env)
+    assert again.returncode == 3 and "resuming rotation #1" in again.stdout
+
+    refused = _run(tmp_path, "request", "1", "reactivate", **env)
+    assert "rotation #1 does not offer reactivate now" in _one_line(refused)
+    rolled = _run(tmp_path, "request", "1", "roll-back", **env)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "rolled back by cli:alice" in rolled.stdout and "rotation #1 done" in rolled.stdout
+
+
+def test_follow_stays_through_a_long_wait(tmp_path):
+    (tmp_path / "rotor.yml").write_text(CONFIG.replace("KUBE_CONTEXT", "staging"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "rotate-secret", "s", "staging", "--follow"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        env={**os.environ, "ROTOR_CONFIG": str(tmp_path / "rotor.yml"),
+             "ROTOR_STATE": str(tmp_path / "rotor.db"), "PYTHONPATH": str(REPO),
+             "PYTHONUNBUFFERED": "1", "ROTOR_EXTRA_KINDS": "tests.parking_kind:KINDS"})
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded by the test's timeout
+            if line.startswith("… grace: waiting for the grace period to end"):
+                break
+        assert proc.poll() is None, "rotor --follow left the wait"
+    finally:
+        proc.kill()
+        proc.wait()
