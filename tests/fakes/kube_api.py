@@ -391,9 +391,17 @@ class FakeKube:
         *,
         rollout_delay: float | None = None,
         rollout_fails: bool | None = None,
+        reloads_on: Iterable[str] | None = None,
     ) -> None:
         with self._lock:
             state = self._dep_state[(namespace, name)]
+            if reloads_on is not None:  # the Reloader annotation, as `kubectl annotate` sets it
+                state.reloads_on = tuple(reloads_on)
+                annotations = self._deployments[(namespace, name)]["metadata"].setdefault(
+                    "annotations", {})
+                annotations.pop(RELOADER_WATCH, None)
+                if state.reloads_on:
+                    annotations[RELOADER_WATCH] = ",".join(state.reloads_on)
             if rollout_delay is not None:
                 state.rollout_delay = rollout_delay
             if rollout_fails is not None:
