@@ -418,6 +418,14 @@ def request(obj: _Obj, rotation_id: int, what: str, follow: bool) -> None:
               INTERRUPTED)
 
 
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the reference of every rotor.yml key and environment variable (Markdown)."""
+    from bot.reference import config_reference as text
+
+    click.echo(text())
+
+
 @main.command()
 @click.pass_obj
 def serve(obj: _Obj) -> None:

@@ -56,45 +56,71 @@ def _check_timezone(value: str) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class Waits(_Model):
     """How long each kind of wait may last (seconds), and how often it is re-checked."""
 
     sync: float = 300
+    """Seconds an ExternalSecret may take to sync after the force-sync."""
     sync_error_grace: float = 10  # a SecretSyncedError this young may predate our force-sync
+    """Seconds during which a SecretSyncedError may predate Rotor's force-sync and is ignored."""
     rollout_start: float = 120  # restart the Deployment if no new pod appears within this
+    """Seconds to wait for Reloader to roll a Deployment before Rotor restarts it (Deployments
+    with no Reloader annotation are restarted at once)."""
     rollout: float = 900
+    """Seconds a rollout may take."""
     drain: float = 900  # old connections may linger this long before Rotor offers to kill them
+    """Seconds the old user's connections may linger before Rotor offers to kill them."""
     restore_grace: float = 6 * 3600  # after an overnight restore is due, how long to keep looking
+    """Seconds to keep looking for the new user after an overnight restore was due."""
     first_check: float = 0.05
+    """Seconds before the first re-check of a wait; doubled each time."""
     max_check: float = 30
+    """Longest gap, in seconds, between re-checks of a wait."""
 
 
 class AccessRule(_Model):
     """Who may start and approve rotations in an environment (Slack user or user group IDs)."""
 
     starters: tuple[str, ...] = ()
+    """Slack user (`U…`) or user group (`S…`) IDs who may start rotations; empty means anyone."""
     approvers: tuple[str, ...] = ()
+    """Slack user or user group IDs who may approve; empty means anyone."""
 
 
 class Environment(_Model):
     aws_region: str
+    """AWS region of the environment's secrets and services (checked against botocore's list)."""
     aws_role_arn: str | None = None
+    """IAM role Rotor assumes in this environment (`arn:aws:iam::ACCOUNT:role/NAME`)."""
     kube_context: str | None = None
+    """kubeconfig context of the environment's cluster; none means the in-cluster service
+    account."""
     kubeconfig: str | None = None
+    """kubeconfig file for this environment, instead of KUBECONFIG."""
     db_tls: TlsMode = "required"
+    """TLS to the databases: `required`, `verify` (with `db_ca_file`) or `disabled`."""
     db_ca_file: str | None = None
+    """CA bundle that database certificates are verified against (`db_tls: verify`)."""
     # Two different people for every approval (four-eyes); on by default in production.
     four_eyes: bool | None = None
+    """A second person approves every gate; defaults to on in `production`."""
     # 2nd line is told before anything destructive runs; on by default in production.
     notify_second_line: bool | None = None
+    """2nd line is told before anything destructive; defaults to on in `production`."""
     starters: tuple[str, ...] = ()
+    """Slack user (`U…`) or user group (`S…`) IDs who may start rotations here; empty means
+    anyone."""
     approvers: tuple[str, ...] = ()
+    """Slack user or user group IDs who may approve here; empty means anyone."""
     restored_from: str | None = None
+    """The environment this one is restored from overnight (needs `restore_time`)."""
     restore_time: time | None = None
+    """Local time the overnight restore runs (`"03:00"`)."""
     timezone: str = "Europe/London"
+    """IANA timezone of `restore_time`."""
 
     @field_validator("timezone")
     @classmethod
@@ -128,70 +154,102 @@ class AppOverrides(_Model):
     """Fields an app may set, for all environments or for one."""
 
     secret: str | None = None
+    """The app's secret (default `govuk/{app}/{engine}`): JSON with host, port, dbname,
+    username, password."""
     admin_secret: str | None = None
+    """Secret holding the RDS admin passwords (default `{env}-rds-admin-passwords`)."""
     admin_key: str | None = None
+    """Key of the admin password in `admin_secret` (default: the app name)."""
     admin_user: str | None = None
+    """The RDS admin user (default `aws_db_admin`)."""
     namespace: str | None = None
+    """Kubernetes namespace of the app (default `apps`)."""
     external_secret: str | None = None
+    """ExternalSecret that syncs the app's secret (default `{app}-{engine}`)."""
     deployment: str | None = None
+    """The app's Deployment (default: the app name)."""
     container: str | None = None
+    """Container that reads the secret (default `app`)."""
     secret_key: str | None = None
+    """Key of the Kubernetes Secret holding the URL (default `DATABASE_URL`)."""
     url_scheme: str | None = None
+    """Scheme of that URL (default `mysql2` or `postgresql`)."""
 
 
 class App(AppOverrides):
     engine: Literal["mysql", "postgres"]
+    """`mysql` or `postgres`."""
     environments: dict[str, AppOverrides] = Field(default_factory=dict)
+    """Overrides for one environment, keyed by environment name."""
 
 
 class EcsService(_Model):
     cluster: str
+    """ECS cluster name."""
     service: str
+    """ECS service name."""
 
 
 class Consumers(_Model):
     """What reads a secret: Kubernetes through ExternalSecrets, ECS services, people."""
 
     namespace: str = "apps"
+    """Kubernetes namespace of the ExternalSecrets and Deployments."""
     external_secrets: tuple[str, ...] = ()
+    """ExternalSecrets to force-sync."""
     deployments: tuple[str, ...] = ()
+    """Deployments to roll out."""
     ecs_services: tuple[EcsService, ...] = ()
+    """ECS services to redeploy (`{cluster, service}`)."""
 
 
 class SecretField(_Model):
     """A Secrets Manager secret holding an access key, and the JSON fields that hold it."""
 
     id: str
+    """Secrets Manager secret holding the key."""
     key_id_field: str = "access_key_id"
+    """JSON field of the access key ID."""
     secret_field: str = "secret_access_key"
+    """JSON field of the secret access key."""
 
 
 class ManualPlace(_Model):
     """Somewhere a key lives that Rotor cannot reach: a person updates it when told."""
 
     place: str
+    """Where the key lives (a third party's console)."""
     instruction: str
+    """What a person does there; posted as a guided step."""
 
 
 class KeyPlaces(Consumers):
     secrets: tuple[SecretField, ...] = ()
+    """Secrets that hold the key."""
     manual: tuple[ManualPlace, ...] = ()
+    """Places a person updates by hand."""
 
 
 class IamUser(_Model):
     """An IAM user whose access key Rotor rotates, and where the key lives per environment."""
 
     environments: dict[str, KeyPlaces]
+    """Where the user's key lives, per environment."""
     grace_days: float = 7  # how long the deactivated old key waits before deletion
+    """Days the deactivated old key waits before it is deleted."""
 
 
 class KeyAge(_Model):
     """The scheduled key-age check: a cron in a timezone, and the age limits."""
 
     schedule: str = "0 9 * * mon"
+    """Cron (minute hour day month weekday) of the key-age check."""
     timezone: str = "Europe/London"
+    """IANA timezone of `schedule`."""
     max_key_age_days: int = 90
+    """A key older than this is overdue."""
     warn_days: int = 80
+    """A key older than this is due soon."""
 
     @field_validator("timezone")
     @classmethod
@@ -216,28 +274,43 @@ class ManagedSecret(_Model):
     """A secret with a Secrets Manager rotation function, and who must redeploy after it."""
 
     environments: dict[str, Consumers]
+    """Who must redeploy after the rotation, per environment."""
     rollback_minutes: float = 60  # how long the "Roll back" button stays
+    """Minutes the Roll back button stays after a rotation."""
 
 
 class Database(_Model):
     """An RDS instance whose admin password Terraform owns (`rotate admin`)."""
 
     engine: Literal["mysql", "postgres"]
+    """`mysql` or `postgres`."""
     host: str | None = None  # default: the host in the app secret of an app using it
+    """Instance host; default: the host in the app secret of an app using it."""
     port: int | None = None
+    """Instance port; default: as `host`."""
     apps: tuple[str, ...] = ()
+    """Apps whose databases live on this instance."""
     terraform_dir: str = "govuk-infrastructure/terraform/deployments/rds"
+    """Terraform directory of the RDS deployment, posted in the guided steps."""
     backup_secret: str = "govuk/db-backup/passwd"
+    """Secret the db-backup job reads the admin passwords from."""
     backup_external_secret: str = "db-backup-passwd"
+    """ExternalSecret that syncs `backup_secret`."""
 
 
 class SlackConfig(_Model):
     channel: str = "#govuk-developers"
+    """Channel of the rotation messages (`#name` or a channel ID)."""
     second_line_channel: str = "#govuk-2ndline"
+    """Channel of the 2nd line notices (`#name` or a channel ID)."""
     second_line_group: str | None = None  # a user group ID, mentioned as <!subteam^ID>
+    """User group ID (`S…`) mentioned in 2nd line notices."""
     hold_seconds: float = 0
+    """Seconds after a 2nd line notice during which anyone may press Hold."""
     approval_reminder_minutes: float = 60
+    """Minutes before an unanswered approval is reminded."""
     approval_expiry_hours: float = 24
+    """Hours before an unanswered approval expires (the rotation pauses)."""
 
     @field_validator("channel", "second_line_channel")
     @classmethod
@@ -251,13 +324,21 @@ class SlackConfig(_Model):
 
 class Catalogue(_Model):
     environments: dict[str, Environment]
+    """The environments, keyed by name (lower case, digits, hyphens)."""
     apps: dict[str, App] = Field(default_factory=dict)
+    """Apps whose database credentials Rotor rotates (`/rotate APP ENV`)."""
     slack: SlackConfig = SlackConfig()
+    """Slack channels and timings."""
     waits: Waits = Waits()
+    """How long waits may last and how often they are re-checked."""
     iam_users: dict[str, IamUser] = Field(default_factory=dict)
+    """IAM users whose access keys Rotor rotates (`/rotate key USER ENV`)."""
     key_age: KeyAge = KeyAge()
+    """The scheduled key-age check."""
     secrets: dict[str, ManagedSecret] = Field(default_factory=dict)
+    """Secrets Manager secrets with a rotation function (`/rotate secret ID ENV`)."""
     databases: dict[str, Database] = Field(default_factory=dict)
+    """RDS instances whose admin password Terraform owns (`/rotate admin DATABASE ENV`)."""
 
     @field_validator("environments", "apps")
     @classmethod
