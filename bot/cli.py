@@ -418,6 +418,19 @@ def request(obj: _Obj, rotation_id: int, what: str, follow: bool) -> None:
               INTERRUPTED)
 
 
+@main.command()
+@click.option("--once", is_flag=True,
+              help="Headless: one rotation approved by two demo people, printed as text; "
+                   "exit 0 when it is done with no failed login.")
+def demo(once: bool) -> None:
+    """A whole world on this machine and a web page that plays Slack: watch a rotation."""
+    import os
+
+    from demo.run import main as run_demo
+
+    sys.exit(run_demo(once, mysql_url=os.environ.get("ROTOR_DEMO_MYSQL_URL") or None))
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print the reference of every rotor.yml key and environment variable (Markdown)."""

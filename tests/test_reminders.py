@@ -1,6 +1,6 @@
 """Scheduled reminders: the key-age check and the daily approval nudge.
 
-Slack is the small fake Web API (`tests.fakes.slack_api`) spoken to by the real WebClient;
+Slack is the small fake Web API (`demo.slack_api`) spoken to by the real WebClient;
 AWS is moto in-process; time is an injected clock set to the slot being tested.
 """
 
@@ -23,11 +23,11 @@ from slack_sdk import WebClient
 
 from bot import reminders
 from bot.cli import main
+from demo.slack_api import FakeSlack
 from handlers import messages
 from rotation.engine import Engine
 from rotation.errors import AwsError
 from rotation.store import Store
-from tests.fakes.slack_api import FakeSlack
 from tests.test_iam import CONFIG, DAY, STAGING_ACCOUNT, USER, World
 
 LONDON = ZoneInfo("Europe/London")

@@ -20,7 +20,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,6 +82,10 @@ class FakeSlack:
     messages: list[Message] = field(default_factory=list)
     channels: dict[str, str] = field(default_factory=dict)  # "#name" -> ID
     port: int = 0  # 0: any free port
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)  # App Home, per user
+    # GET and POST /ui/… go here when set: (method, path, body) -> (status, type, body).
+    # The demo's page (demo.page) plays Slack's client on it.
+    ui: Callable[[str, str, bytes], tuple[int, str, bytes]] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -118,6 +122,10 @@ class FakeSlack:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/"
+
+    @property
+    def page_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
 
     def response_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/response/{name}"
@@ -262,7 +270,9 @@ class FakeSlack:
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": self._next_ts()}
         if method == "views.publish":
-            return {"ok": True, "view": {"id": "V1", **(_json(p.get("view")) or {})}}
+            view = _json(p.get("view")) or {}
+            self.views[str(p.get("user_id"))] = view
+            return {"ok": True, "view": {"id": "V1", **view}}
         if method == "usergroups.users.list":
             group = str(p.get("usergroup"))
             if group not in self.groups:
@@ -304,8 +314,26 @@ def _handler(fake: FakeSlack) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def do_GET(self) -> None:
+            self._ui("GET", b"")
+
+        def _ui(self, method: str, raw: bytes) -> None:
+            if fake.ui is None:
+                self.send_error(404)
+                return
+            status, content_type, data = fake.ui(method, self.path, raw)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/ui/"):
+                self._ui("POST", raw)
+                return
             if self.path.startswith("/response/"):
                 method = "response_url"
             elif self.path.startswith("/api/"):

@@ -1,0 +1,28 @@
+"""`rotor demo --once`: the whole demo world, headless, through one rotation (CI runs it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.rig import REPO
+
+
+def test_rotor_demo_once_rotates_with_two_approvers_and_no_failed_login(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ROTOR_", "SLACK_"))}
+    result = subprocess.run([sys.executable, "-m", "bot.cli", "demo", "--once"],
+                            env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr[-3000:]
+    assert "» Alice types `/rotate demo-app staging`" in out
+    assert "» Bob presses Approve on convert" in out
+    assert "» Carol presses Approve on retire" in out
+    assert "✅ done" in out and "*9/9 done*" in out  # the root checklist, updated in place
+    assert "`retire` done: staging: dropped role demo-app" in out  # a thread reply
+    assert "#govuk-2ndline:" in out and "about to run `retire`" in out
+    counter = next(line for line in out.splitlines() if line.startswith("logins: "))
+    assert " 0 failed" in counter and "demo-app-user-" in counter
+    assert "rotation #1 done; the app never failed to log in" in out
+    assert list(tmp_path.iterdir()) == []  # nothing left behind where it ran
