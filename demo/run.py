@@ -19,12 +19,13 @@ from demo.slack_api import Message
 from demo.world import APP, CHANNEL, ENV, PEOPLE, SECOND_LINE, World
 
 APPROVERS = ("U0BOB", "U0CAROL")
-EMOJI = {":white_check_mark:": "✅", ":x:": "❌", ":hourglass_flowing_sand:": "⏳",
-         ":mega:": "📣", ":warning:": "⚠️", ":no_entry:": "⛔", ":no_entry_sign:": "🚫",
-         ":arrow_forward:": "▶", ":heavy_minus_sign:": "➖", ":white_small_square:": "▫",
-         ":alarm_clock:": "⏰", ":bell:": "🔔", ":key:": "🔑", ":lock:": "🔒",
-         ":point_right:": "👉", ":raised_hand:": "✋", ":raising_hand:": "🙋", ":repeat:": "🔁",
-         ":rotating_light:": "🚨", ":tada:": "🎉"}
+# Slack's emoji codes as characters every system font has (headless browsers have no emoji).
+EMOJI = {":white_check_mark:": "✔", ":x:": "✘", ":hourglass_flowing_sand:": "…",
+         ":mega:": "»", ":warning:": "⚠", ":no_entry:": "⛔", ":no_entry_sign:": "⊘",
+         ":arrow_forward:": "▶", ":heavy_minus_sign:": "–", ":white_small_square:": "▫",
+         ":alarm_clock:": "⏰", ":bell:": "♪", ":key:": "⚿", ":lock:": "⚿",
+         ":point_right:": "☞", ":raised_hand:": "✋", ":raising_hand:": "✋", ":repeat:": "↻",
+         ":rotating_light:": "‼", ":tada:": "★"}
 
 
 def mrkdwn(text: str) -> str:

@@ -20,9 +20,10 @@ def _first_code_block(text: str) -> list[str]:
     return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
-def test_readme_opens_with_exactly_two_commands_run_and_test():
+def test_readme_opens_with_exactly_two_commands_demo_and_test():
     assert README.index("```sh") < 1200, "the set-up commands must be near the top"
-    assert _first_code_block(README) == ["make run", "make test"]
+    assert _first_code_block(README) == ["make demo", "make test"]
+    assert "`make run`" in README[README.index("## Running it for real"):]
 
 
 def test_ci_runs_the_readmes_test_command():
