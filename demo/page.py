@@ -38,7 +38,7 @@ def _state(world: World, user: str) -> dict[str, Any]:
                 blocks = json.loads(blocks)
             private.append({"text": str(call.params.get("text") or ""),
                             "blocks": blocks or [], "at": call.at})
-    counter = world.app.counter() if world.app else {}
+    counter = world.counter()
     return {"messages": messages, "private": private, "home": slack.views.get(user),
             "counter": counter, "people": PEOPLE, "channels": [CHANNEL, SECOND_LINE],
             "emoji": EMOJI, "hint": f"/rotate {APP} {ENV}"}

@@ -103,7 +103,7 @@ def once(world: World, timeout: float = 300, out: Any = None) -> int:
     """The headless run; returns the exit code."""
     out = out or sys.stdout
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)  # noqa: E731
-    _wait("the sample app's first logins", lambda: world.app and world.app.ok >= 3, 60)
+    _wait("the sample app's first logins", lambda: world.counter()["ok"] >= 3, 60)
     say(f"» Alice types `/rotate {APP} {ENV}` in {CHANNEL}")
     status, _ = world.command(f"{APP} {ENV}", "U0ALICE")
     if status != 200:
@@ -142,13 +142,12 @@ def once(world: World, timeout: float = 300, out: Any = None) -> int:
         say(f"{SECOND_LINE}:")
         for message in notices:
             say(_indent(as_text(message)))
-    assert world.app is not None
     say("")
-    say(world.app.line())
+    say(world.login_line())
     if result != "done":
         say(f"rotation #{rotation_id} is {result}, not done")
         return 1
-    if world.app.failed:
+    if world.counter()["failed"]:
         say("some logins failed: the app was locked out")
         return 1
     say(f"rotation #{rotation_id} done; the app never failed to log in")

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import psycopg
 from psycopg import sql
@@ -80,8 +80,10 @@ class SampleApp:
     the kubelet does; it never changes after. Pods log in while ready and not terminating.
     """
 
-    def __init__(self, kube: FakeKube, secret: str, interval: float = 0.3) -> None:
+    def __init__(self, kube: FakeKube, secret: str, interval: float = 0.3,
+                 deployment: str = APP) -> None:
         self.kube, self.secret, self.interval = kube, secret, interval
+        self.deployment = deployment
         self.urls: dict[str, str] = {}
         self.ok = 0
         self.failed = 0
@@ -89,17 +91,24 @@ class SampleApp:
         self.last_failure = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-app", daemon=True)
-        kube.on_pod_created = self._created
+        previous = kube.on_pod_created  # several apps may watch their own pods
+
+        def created(namespace: str, deployment: str, pod: str) -> None:
+            if previous is not None:
+                previous(namespace, deployment, pod)
+            self._created(namespace, deployment, pod)
+
+        kube.on_pod_created = created
 
     def _created(self, namespace: str, deployment: str, pod: str) -> None:
-        if namespace == NAMESPACE and deployment == APP:
+        if namespace == NAMESPACE and deployment == self.deployment:
             url = self.kube.secret_data_now(NAMESPACE, self.secret).get("DATABASE_URL")
             if url:  # without the Secret, the pod could not start its app
                 self.urls[pod] = url
 
     def start(self) -> SampleApp:
-        for pod in self.kube.pods(NAMESPACE, APP):  # pods that predate the hook
-            self._created(NAMESPACE, APP, pod["metadata"]["name"])
+        for pod in self.kube.pods(NAMESPACE, self.deployment):  # pods before the hook
+            self._created(NAMESPACE, self.deployment, pod["metadata"]["name"])
         self._thread.start()
         return self
 
@@ -108,7 +117,7 @@ class SampleApp:
         self._thread.join(timeout=10)
 
     def running(self) -> list[str]:
-        pods = self.kube.pods(NAMESPACE, APP)
+        pods = self.kube.pods(NAMESPACE, self.deployment)
         return [p["metadata"]["name"] for p in pods
                 if "deletionTimestamp" not in p["metadata"]
                 and any(c["type"] == "Ready" and c["status"] == "True"
@@ -123,26 +132,29 @@ class SampleApp:
             self._stop.wait(self.interval)
 
     def _login(self, url: str) -> None:
-        user = urlsplit(url).username or "?"
+        parts = urlsplit(url)
+        user = unquote(parts.username or "?")
         try:
-            with psycopg.connect(url, connect_timeout=5) as conn:
-                conn.execute("SELECT count(*) FROM visits").fetchone()
-        except psycopg.Error as exc:
+            if parts.scheme.startswith("mysql"):
+                import pymysql
+
+                mysql = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=user,
+                                        password=unquote(parts.password or ""),
+                                        database=parts.path.lstrip("/"), ssl_disabled=True,
+                                        connect_timeout=5, read_timeout=5, write_timeout=5)
+                with mysql.cursor() as cur:
+                    cur.execute("SELECT COUNT(*) FROM visits")
+                mysql.close()
+            else:
+                with psycopg.connect(url, connect_timeout=5) as conn:
+                    conn.execute("SELECT count(*) FROM visits").fetchone()
+        except Exception as exc:  # every failure is the finding: keep the user, not the URL
             self.failed += 1
             first = str(exc).strip().splitlines()
             self.last_failure = f"{user}: {first[-1] if first else type(exc).__name__}"
             return
         self.ok += 1
         self.by_user[user] = self.by_user.get(user, 0) + 1
-
-    def counter(self) -> dict[str, Any]:
-        return {"ok": self.ok, "failed": self.failed, "by_user": dict(self.by_user),
-                "pods": len(self.running()), "last_failure": self.last_failure}
-
-    def line(self) -> str:
-        users = ", ".join(f"{user} {n}" for user, n in self.by_user.items())
-        return (f"logins: {self.ok} succeeded, {self.failed} failed ({users})"
-                + (f"; last failure {self.last_failure}" if self.failed else ""))
 
 
 class World:
@@ -159,6 +171,8 @@ class World:
         self.kube: FakeKube | None = None
         self.slack = FakeSlack(groups={})
         self.app: SampleApp | None = None
+        self.apps: list[SampleApp] = []
+        self.mysql_prefix = "rotordemo" + secrets.token_hex(3)
         self.bot: subprocess.Popen[bytes] | None = None
         self._n = 0
 
@@ -195,12 +209,94 @@ class World:
         self.app = SampleApp(self.kube, external_secret)
         self.kube.add_deployment(NAMESPACE, APP, replicas=3, reloads_on=[external_secret],
                                  rollout_delay=1.0)
+        self.apps = [self.app]
+        catalogue = CATALOGUE
+        if self.mysql_url:
+            catalogue = self._seed_mysql(sm, catalogue)
         self.kube.write_kubeconfig(self.workdir / "kubeconfig", context=ENV)
-        (self.workdir / "rotor.yml").write_text(CATALOGUE)
+        (self.workdir / "rotor.yml").write_text(catalogue)
         self.slack.start()
-        self.app.start()
+        for app in self.apps:
+            app.start()
         self._start_bot()
         return self
+
+    def _seed_mysql(self, sm: Any, catalogue: str) -> str:
+        """`demo-mysql` on the MySQL/MariaDB server ROTOR_DEMO_MYSQL_URL names (root's URL)."""
+        import pymysql
+
+        assert self.kube is not None and self.mysql_url
+        url = urlsplit(self.mysql_url)
+        host, port = url.hostname or "127.0.0.1", url.port or 3306
+        prefix = self.mysql_prefix
+        admin, admin_pw, user, user_pw = f"{prefix}_admin", _password(), f"{prefix}_app", \
+            _password()
+        conn = pymysql.connect(host=host, port=port, user=unquote(url.username or "root"),
+                               password=unquote(url.password or ""), ssl_disabled=True,
+                               autocommit=True, connect_timeout=5, read_timeout=30,
+                               write_timeout=30)
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{prefix}_app`")  # our own generated name
+            cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (admin, admin_pw))
+            # RDS's master user: every privilege with grant option, except SUPER.
+            cur.execute("GRANT ALL PRIVILEGES ON *.* TO %s@'%%' WITH GRANT OPTION", (admin,))
+            cur.execute("REVOKE SUPER ON *.* FROM %s@'%%'", (admin,))
+            cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (user, user_pw))
+            cur.execute(f"GRANT ALL PRIVILEGES ON `{prefix}_app`.* TO %s@'%%'", (user,))
+            cur.execute(f"CREATE TABLE `{prefix}_app`.visits (id INT AUTO_INCREMENT "
+                        "PRIMARY KEY, at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)")
+        conn.close()
+        sm.create_secret(Name="govuk/demo-mysql/mysql", SecretString=json.dumps({
+            "engine": "mysql", "host": host, "port": port, "dbname": f"{prefix}_app",
+            "username": user, "password": user_pw}))
+        admins = json.loads(sm.get_secret_value(SecretId=f"{ENV}-rds-admin-passwords",
+                                                VersionStage="AWSCURRENT")["SecretString"])
+        sm.put_secret_value(SecretId=f"{ENV}-rds-admin-passwords",
+                            SecretString=json.dumps({**admins, "demo-mysql": admin_pw}))
+        self.kube.add_external_secret(NAMESPACE, "demo-mysql-mysql",
+                                      secret_id="govuk/demo-mysql/mysql", url_scheme="mysql2")
+        app = SampleApp(self.kube, "demo-mysql-mysql", deployment="demo-mysql")
+        self.kube.add_deployment(NAMESPACE, "demo-mysql", replicas=2,
+                                 reloads_on=["demo-mysql-mysql"], rollout_delay=1.0)
+        self.apps.append(app)
+        return catalogue.replace(
+            "  demo-app: {engine: postgres}\n",
+            f"  demo-app: {{engine: postgres}}\n  demo-mysql: {{engine: mysql, admin_user: "
+            f"{admin}}}\n")
+
+    def _drop_mysql(self) -> None:
+        import pymysql
+
+        assert self.mysql_url
+        url = urlsplit(self.mysql_url)
+        conn = pymysql.connect(host=url.hostname or "127.0.0.1", port=url.port or 3306,
+                               user=unquote(url.username or "root"),
+                               password=unquote(url.password or ""), ssl_disabled=True,
+                               autocommit=True, connect_timeout=5, read_timeout=30,
+                               write_timeout=30)
+        with conn.cursor() as cur:
+            cur.execute("SELECT User, Host FROM mysql.user WHERE User LIKE %s OR User LIKE %s",
+                        (self.mysql_prefix + "%", "demo_mysql_user_%"))
+            for user, host in cur.fetchall():
+                cur.execute("DROP USER IF EXISTS %s@%s", (user, host))
+            cur.execute(f"DROP DATABASE IF EXISTS `{self.mysql_prefix}_app`")
+        conn.close()
+
+    def counter(self) -> dict[str, Any]:
+        """Every sample app's logins, added up."""
+        by_user: dict[str, int] = {}
+        for app in self.apps:
+            by_user.update(app.by_user)
+        failures = [app.last_failure for app in self.apps if app.last_failure]
+        return {"ok": sum(a.ok for a in self.apps), "failed": sum(a.failed for a in self.apps),
+                "by_user": by_user, "pods": sum(len(a.running()) for a in self.apps),
+                "last_failure": failures[-1] if failures else ""}
+
+    def login_line(self) -> str:
+        k = self.counter()
+        users = ", ".join(f"{user} {n}" for user, n in k["by_user"].items())
+        return (f"logins: {k['ok']} succeeded, {k['failed']} failed ({users})"
+                + (f"; last failure {k['last_failure']}" if k["failed"] else ""))
 
     def secretsmanager(self) -> Any:
         import boto3
@@ -338,8 +434,14 @@ class World:
                 self.bot.wait(30)
             except subprocess.TimeoutExpired:
                 self.bot.kill()
-        if self.app is not None:
-            self.app.stop()
+        for app in self.apps:
+            app.stop()
+        if self.mysql_url and self.moto is not None:
+            try:
+                self._drop_mysql()
+            except Exception as exc:  # the server went away: say what is left behind
+                log.warning("demo: could not drop %s* on the MySQL server: %s",
+                            self.mysql_prefix, exc)
         self.slack.stop()
         if self.kube is not None:
             self.kube.stop()

@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 
+from tests import servers
 from tests.rig import REPO
 
 
 def test_rotor_demo_once_rotates_with_two_approvers_and_no_failed_login(tmp_path):
+    """With ROTOR_DEMO_MYSQL_URL, a MySQL app joins the world; it is gone afterwards."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ROTOR_", "SLACK_"))}
     result = subprocess.run([sys.executable, "-m", "bot.cli", "demo", "--once"],
-                            env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                            env={**env, "PYTHONPATH": str(REPO),
+                                 "ROTOR_DEMO_MYSQL_URL": servers.MYSQL_URL}, cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr[-3000:]
@@ -24,5 +27,13 @@ def test_rotor_demo_once_rotates_with_two_approvers_and_no_failed_login(tmp_path
     assert "#govuk-2ndline:" in out and "about to run `retire`" in out
     counter = next(line for line in out.splitlines() if line.startswith("logins: "))
     assert " 0 failed" in counter and "demo-app-user-" in counter
+    assert "rotordemo" in counter  # the MySQL app's pods logged in too
     assert "rotation #1 done; the app never failed to log in" in out
     assert list(tmp_path.iterdir()) == []  # nothing left behind where it ran
+    host, port, user, password = servers._mysql_root()
+    conn = servers.pymysql.connect(host=host, port=port, user=user, password=password,
+                                   ssl_disabled=True, connect_timeout=5)
+    with conn.cursor() as cur:
+        cur.execute("SELECT COUNT(*) FROM mysql.user WHERE User LIKE 'rotordemo%%'")
+        assert cur.fetchone()[0] == 0
+    conn.close()
