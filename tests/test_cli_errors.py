@@ -157,7 +157,7 @@ def test_version():
 
 
 HEAVY = {"boto3", "botocore", "kubernetes", "pydantic", "yaml", "pymysql", "psycopg",
-         "apscheduler", "slack_sdk", "slack_bolt"}
+         "apscheduler", "slack_sdk", "slack_bolt", "sqlite_utils"}
 PROBE = """
 import sys
 from bot.cli import main
