@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -158,7 +159,15 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(once_only: bool, mysql_url: str | None = None, port: int = 0) -> int:
+    # Ctrl-C and SIGTERM both stop the world and remove it, even where a shell started the
+    # demo in the background with SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     world = World(mysql_url=mysql_url)
     print("starting the demo world (PostgreSQL, moto, Kubernetes, Slack, rotor serve)…",
           flush=True)
