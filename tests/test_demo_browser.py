@@ -81,6 +81,16 @@ def test_a_whole_rotation_on_the_page(world: World, browser: Any) -> None:
     def as_user(user: str) -> None:
         Select(browser.find_element(By.ID, "user")).select_by_value(user)
 
+    def click(what: str, find: Callable[[], Any]) -> None:
+        """Find and click; a re-render between the two means: find it again."""
+        def attempt() -> bool:
+            element = find()
+            if element is None:
+                return False
+            element.click()
+            return True
+        _until(what, attempt)
+
     def press(action: str, label: str) -> None:
         def find() -> Any:
             for button in browser.find_elements(By.CSS_SELECTOR,
@@ -88,7 +98,7 @@ def test_a_whole_rotation_on_the_page(world: World, browser: Any) -> None:
                 if button.text == label:
                     return button
             return None
-        _until(f"a {label} button", find).click()
+        click(f"a {label} button", find)
 
     browser.get(world.slack.page_url)
     _until("the page", lambda: browser.find_element(By.ID, "text").get_attribute("value"))
@@ -120,10 +130,11 @@ def test_a_whole_rotation_on_the_page(world: World, browser: Any) -> None:
     assert int(text("logins-failed")) == 0, text("counter")
     assert "demo-app-user-" in text("counter")
 
-    browser.find_element(By.XPATH, "//nav//div[text()='#govuk-2ndline']").click()
+    click("#govuk-2ndline", lambda: browser.find_element(
+        By.XPATH, "//nav//div[text()='#govuk-2ndline']"))
     _until("the 2nd line notice", lambda: "about to run" in text("history"))
     shot("4-second-line")
-    browser.find_element(By.ID, "home-item").click()
+    click("App Home", lambda: browser.find_element(By.ID, "home-item"))
     _until("App Home", lambda: "Opening App Home" not in text("history")
            and text("history").strip())
     shot("5-app-home")
