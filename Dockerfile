@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY bot bot
 COPY handlers handlers
 COPY rotation rotation
+COPY demo demo
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

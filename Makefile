@@ -1,4 +1,5 @@
-# `make run` starts Rotor; `make test` runs the whole check chain (what CI runs).
+# `make demo` shows a rotation on this machine; `make test` runs the whole check chain (what
+# CI runs); `make run` starts Rotor for real.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -9,7 +10,10 @@ $(BIN)/rotor: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: run test test-under-load lint format bench soak
+.PHONY: demo run test test-under-load lint format bench soak
+demo: $(BIN)/rotor
+	$(BIN)/rotor demo
+
 run: $(BIN)/rotor
 	$(BIN)/rotor serve
 

@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.fakes.slack_api import FakeSlack  # noqa: E402
+from demo.slack_api import FakeSlack  # noqa: E402
 from tests.slackbot import SIGNING_SECRET, BotProcess, free_port, sign  # noqa: E402
 
 CONCURRENCY = 50
@@ -70,7 +70,7 @@ def bare_app(port: int, inline: bool) -> None:
 
 def fake_slack(port: int) -> None:
     """The fake Web API in a process of its own, so it does not share the load generator's GIL."""
-    from tests.fakes.slack_api import _handler
+    from demo.slack_api import _handler
 
     fake = FakeSlack(port=port)
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(fake))

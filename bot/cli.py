@@ -5,16 +5,27 @@ from __future__ import annotations
 import sys
 import threading
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from bot.settings import Settings
-from bot.wiring import build_engine, setup_logging
-from rotation.engine import Engine
 from rotation.errors import NotAllowed, RotorError
-from rotation.policy import Policy, person
-from rotation.store import ACTIVE, AuditRow, RotationRow
+from rotation.explain import check_kube_context, explain
+
+if TYPE_CHECKING:  # `rotor --help` and `rotor status` import no kind and no client
+    from bot.settings import Settings
+    from rotation.engine import Engine
+    from rotation.policy import Policy
+    from rotation.store import AuditRow, RotationRow, Store
+
+# Exit codes of the commands that run a rotation (documented in the README).
+DONE, FAILED, PARKED, INTERRUPTED = 0, 1, 3, 130
+# Without --follow, a rotation whose next check is further off than this is left parked.
+PARK_SECONDS = 300
+# The command that starts, or resumes, each kind; `_kind_command` adds the rest.
+COMMANDS = {"mysql": "rotate", "postgres": "rotate"}
+# `rotor request ID WHAT`: what a person types, and the request the step offers.
+REQUESTS = {"roll-back": "rollback", "reactivate": "reactivate"}
 
 SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
           "running": "▸", "pending": " "}
@@ -39,14 +50,30 @@ class _Obj:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from bot.settings import Settings
+            from bot.wiring import setup_logging
+
             self._settings = Settings.load(config_path=self.config)
             setup_logging(self._settings.log_level)
         return self._settings
 
     @property
+    def store(self) -> Store:
+        """The state DB alone: reading it needs neither the catalogue nor any client."""
+        if self._engine is not None:
+            return self._engine.store
+        import time
+
+        from bot.settings import state_path
+        from rotation.store import Store as StateStore
+
+        return StateStore(state_path(), clock=time.time)
+
+    @property
     def engine(self) -> Engine:
         if self._engine is None:
             from bot.notify import SlackSecondLine, second_line_for_cli
+            from bot.wiring import build_engine
 
             ask = (lambda question: click.prompt(question)) if sys.stdin.isatty() else None
             second_line = second_line_for_cli(self.settings, self.second_line_told, ask)
@@ -71,6 +98,8 @@ class _Obj:
     def policy(self) -> Policy:
         """The same rules as in Slack; user groups are looked up in Slack when it is set up."""
         if self._policy is None:
+            from rotation.policy import Policy
+
             settings = self.settings
             if settings.slack_bot_token:
                 from bot import slack
@@ -85,8 +114,30 @@ class _Obj:
         return self._policy
 
 
+class _Command(click.Command):
+    """An expected failure from the world (no credentials, AccessDenied, a database that
+    does not answer) becomes one line naming the environment; its trace goes to the log at
+    DEBUG. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = explain(exc, ctx.params.get("env"))
+            if message is None:
+                if isinstance(exc, RotorError):
+                    _fail(str(exc))
+                raise
+            import logging
+
+            logging.getLogger("rotor.cli").debug("%s", type(exc).__name__, exc_info=True)
+            _fail(message)
+
+
 class _Group(click.Group):
     """Every RotorError becomes one line on stderr and exit 1; nothing else is caught."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -96,6 +147,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(package_name="rotor", message="rotor %(version)s")
 @click.option("--config", envvar="ROTOR_CONFIG", metavar="PATH",
               help="The catalogue (default ./rotor.yml).")
 @click.pass_context
@@ -148,9 +200,37 @@ def plan(obj: _Obj, app: str, env: str) -> None:
     click.echo(f"preflight: {found}")
 
 
-def _drive(engine: Engine, policy: Policy, rotation_id: int, actor: str, yes: bool
-           ) -> NoReturn:
-    """Run the rotation in the foreground until it finishes or needs someone else."""
+def resume_command(rotation: RotationRow) -> str:
+    """The exact command that carries this rotation on, for its kind."""
+    name = COMMANDS.get(rotation.kind)
+    if name is None:
+        return f"rotor status {rotation.id}"
+    flags = " --compromised" if rotation.params.get("compromised") else ""
+    return f"rotor {name} {rotation.target} {rotation.env}{flags}"
+
+
+def _park(engine: Engine, rotation: RotationRow) -> NoReturn:
+    """Leave a long wait to `rotor serve`, or to the same command later, and say so."""
+    step = rotation.current
+    assert step is not None and step.next_check_at is not None
+    click.echo(f"rotation #{rotation.id} is parked at {step.name}: it waits for "
+               f"{step.wait_reason}; Rotor checks again at {_when(step.next_check_at)}")
+    wanted = {engine_name: cli_name for cli_name, engine_name in REQUESTS.items()}
+    for offer in engine.offers(rotation):
+        if offer in wanted:
+            click.echo(f"  meanwhile: `rotor request {rotation.id} {wanted[offer]}`")
+    click.echo(f"  resume: `{resume_command(rotation)}` then (`rotor serve` carries it on "
+               "by itself), or add --follow to wait here")
+    sys.exit(PARKED)
+
+
+def _drive(engine: Engine, policy: Policy, rotation_id: int, actor: str, yes: bool,
+           follow: bool = False) -> NoReturn:
+    """Run the rotation in the foreground until it finishes or needs someone else; without
+    `follow`, return as soon as it parks in a wait longer than PARK_SECONDS."""
+    from rotation.policy import person
+    from rotation.store import ACTIVE
+
     seen = max((r.id for r in engine.store.audit_rows(rotation_id)), default=0)
     wake = threading.Event()
     engine.on_change = lambda _id: wake.set()
@@ -199,6 +279,10 @@ def _drive(engine: Engine, policy: Policy, rotation_id: int, actor: str, yes: bo
                 engine.reject(rotation.id, step.name, actor)
             continue
         delay = max(0.0, (step.next_check_at or engine.clock()) - engine.clock())
+        if step.status == "waiting" and not follow and delay > PARK_SECONDS:
+            if waiting_shown:
+                click.echo()
+            _park(engine, rotation)
         if step.status == "waiting":
             waited = int(engine.clock() - (step.waiting_since or engine.clock()))
             line = f"… {step.name}: waiting for {step.wait_reason} ({waited}s)"
@@ -213,7 +297,7 @@ def _drive(engine: Engine, policy: Policy, rotation_id: int, actor: str, yes: bo
         wake.clear()
 
 
-def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
+def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool, follow: bool,
                      params: dict[str, Any] | None = None) -> NoReturn:
     """Start the rotation, or resume the active one, and drive it in the foreground."""
     engine = obj.engine
@@ -228,10 +312,10 @@ def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool,
         rotation_id = engine.start(kind, target, env, actor, params or {}).id
         click.echo(f"started rotation #{rotation_id}: {kind} {target} in {env}")
     try:
-        _drive(engine, obj.policy, rotation_id, actor, yes)
+        _drive(engine, obj.policy, rotation_id, actor, yes, follow)
     except KeyboardInterrupt:
         _fail(f"interrupted; rotation #{rotation_id} is resumable: run the same command again",
-              130)
+              INTERRUPTED)
 
 
 def _told(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -240,6 +324,9 @@ def _told(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 
 
 YES = click.option("--yes", is_flag=True, help="Approve every gate you are allowed to approve.")
+FOLLOW = click.option("--follow", is_flag=True,
+                      help="Stay through long waits (hours, days) instead of parking the "
+                           f"rotation when its next check is over {PARK_SECONDS // 60} min off.")
 TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_value=False,
                     help="Without Slack: how you told 2nd line (recorded in the audit).")
 
@@ -248,14 +335,19 @@ TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_
 @click.argument("app")
 @click.argument("env")
 @YES
+@FOLLOW
 @TOLD
 @click.option("--compromised", is_flag=True,
               help="Credentials are compromised: no overnight wait; every restored copy too.")
 @click.pass_obj
-def rotate(obj: _Obj, app: str, env: str, yes: bool, compromised: bool) -> None:
+def rotate(obj: _Obj, app: str, env: str, yes: bool, follow: bool, compromised: bool) -> None:
     """Start, or resume, the rotation of APP's database credentials in ENV."""
     kind = obj.engine.catalogue.app(app).engine
-    _start_or_resume(obj, kind, app, env, yes, {"compromised": True} if compromised else {})
+    environment = obj.engine.catalogue.environment(env)
+    check_kube_context(env, environment.kube_context,
+                       environment.kubeconfig or obj.settings.kubeconfig)
+    _start_or_resume(obj, kind, app, env, yes, follow,
+                     {"compromised": True} if compromised else {})
 
 
 def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:
@@ -264,12 +356,14 @@ def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:
     @click.argument(argument.lower())
     @click.argument("env")
     @YES
+    @FOLLOW
     @TOLD
     @click.pass_obj
-    def command(obj: _Obj, env: str, yes: bool, **target: str) -> None:
-        _start_or_resume(obj, kind, target[argument.lower()], env, yes)
+    def command(obj: _Obj, env: str, yes: bool, follow: bool, **target: str) -> None:
+        _start_or_resume(obj, kind, target[argument.lower()], env, yes, follow)
 
     command.__doc__ = doc
+    COMMANDS[kind] = name
     main.command(name)(command)
 
 
@@ -288,7 +382,14 @@ _kind_command("rotate-admin", "rds-admin", "DATABASE",
 @click.pass_obj
 def status(obj: _Obj, rotation_id: int | None) -> None:
     """Show one rotation, or every active one and the most recent."""
-    store = obj.engine.store
+    import os
+
+    from bot.settings import state_path
+
+    if not os.path.exists(state_path()):
+        click.echo(f"no rotations yet (no state DB at {state_path()})")
+        return
+    store = obj.store
     if rotation_id is not None:
         _print_status(store.rotation(rotation_id))
         return
@@ -307,7 +408,7 @@ def retry(obj: _Obj, rotation_id: int) -> None:
     obj.policy.check_start(obj.actor, obj.engine.store.rotation(rotation_id).env)
     rotation = obj.engine.retry(rotation_id, obj.actor)
     click.echo(f"rotation #{rotation.id}: retrying {rotation.current.name if rotation.current else '-'}"
-               f"; continue it with `rotor rotate {rotation.target} {rotation.env}`")
+               f"; continue it with `{resume_command(rotation)}`")
 
 
 @main.command()
@@ -350,6 +451,47 @@ def approve(obj: _Obj, rotation_id: int, reject: bool) -> None:
     else:
         engine.approve(rotation_id, step.name, actor)
         click.echo("approved")
+
+
+@main.command()
+@click.argument("rotation_id", type=int)
+@click.argument("what", type=click.Choice(sorted(REQUESTS)))
+@FOLLOW
+@click.pass_obj
+def request(obj: _Obj, rotation_id: int, what: str, follow: bool) -> None:
+    """Ask a waiting step for what it offers (the Slack buttons): roll back a secret
+    rotation, or reactivate an old access key; then carry the rotation on."""
+    engine, actor, policy = obj.engine, obj.actor, obj.policy
+    policy.check_request(actor, engine.store.rotation(rotation_id).env, what)
+    engine.request(rotation_id, REQUESTS[what], actor)
+    click.echo(f"rotation #{rotation_id}: {what} requested")
+    try:
+        _drive(engine, policy, rotation_id, actor, False, follow)
+    except KeyboardInterrupt:
+        rotation = engine.store.rotation(rotation_id)
+        _fail(f"interrupted; rotation #{rotation_id} is resumable: `{resume_command(rotation)}`",
+              INTERRUPTED)
+
+
+@main.command()
+@click.option("--once", is_flag=True,
+              help="Headless: one rotation approved by two demo people, printed as text; "
+                   "exit 0 when it is done with no failed login.")
+def demo(once: bool) -> None:
+    """A whole world on this machine and a web page that plays Slack: watch a rotation."""
+    import os
+
+    from demo.run import main as run_demo
+
+    sys.exit(run_demo(once, mysql_url=os.environ.get("ROTOR_DEMO_MYSQL_URL") or None))
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the reference of every rotor.yml key and environment variable (Markdown)."""
+    from bot.reference import config_reference as text
+
+    click.echo(text())
 
 
 @main.command()

@@ -25,5 +25,5 @@ def caller_arn(region: str | None = None) -> str:
     except (BotoCoreError, ClientError) as exc:
         raise NotAllowed(f"cannot tell who you are: sts:GetCallerIdentity failed ({exc}); run "
                          "rotor with your AWS credentials (for example in `gds aws … --shell`)"
-                         ) from None
+                         ) from exc
     return str(arn)

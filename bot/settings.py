@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from rotation import catalogue as catalogue_module
-from rotation.catalogue import Catalogue
+if TYPE_CHECKING:
+    from rotation.catalogue import Catalogue
+
+
+def state_path(environ: Mapping[str, str] | None = None) -> str:
+    """Where the state DB is (`ROTOR_STATE`, default ./rotor.db)."""
+    return (os.environ if environ is None else environ).get("ROTOR_STATE") or "rotor.db"
 
 
 @dataclass(frozen=True)
@@ -30,11 +36,13 @@ class Settings:
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None,
              config_path: str | None = None) -> Settings:
+        from rotation import catalogue as catalogue_module
+
         env = os.environ if environ is None else environ
         path = config_path or env.get("ROTOR_CONFIG") or "rotor.yml"
         return cls(
             config_path=path,
-            state_path=env.get("ROTOR_STATE") or "rotor.db",
+            state_path=state_path(env),
             catalogue=catalogue_module.load(path),
             kubeconfig=env.get("KUBECONFIG") or None,
             slack_bot_token=env.get("SLACK_BOT_TOKEN") or None,

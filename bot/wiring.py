@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from bot.settings import Settings
-from rotation import iam, managed_secret, mysql, postgres, rds_admin
 from rotation.clients import Clients
 from rotation.engine import Engine, Kind, SecondLine
 from rotation.redact import RedactingFilter
@@ -19,6 +18,8 @@ from rotation.store import Store
 
 def kinds(extra: str | None = None) -> dict[str, Kind]:
     """The rotation kinds this process runs, plus any named by ROTOR_EXTRA_KINDS."""
+    from rotation import iam, managed_secret, mysql, postgres, rds_admin  # only when needed
+
     found: dict[str, Kind] = {mysql.KIND.name: mysql.KIND, postgres.KIND.name: postgres.KIND}
     found[iam.KIND.name] = iam.KIND
     found[managed_secret.KIND.name] = managed_secret.KIND

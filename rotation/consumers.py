@@ -108,7 +108,8 @@ def roll_out(
 
     Reloader usually rolls the Deployment when its Secret changes; when no new pod has
     appeared `restart_after` seconds into the wait, Rotor restarts it like
-    `kubectl rollout restart` (once; `state` remembers it).
+    `kubectl rollout restart` (once; `state` remembers it). A Deployment with no Reloader
+    annotation is never rolled by a Secret change, so it is restarted at once.
     """
     waits = ctx.catalogue.waits
     where = f"deployment {namespace}/{deployment}"
@@ -129,13 +130,18 @@ def roll_out(
     if ready and len(fresh) == len(ready) and status.complete:
         how = " after a restart" if state.get("restarted_at") else ""
         return Done(f"{where}: all {len(fresh)} ready pods started after the sync{how}")
+    if not status.reloader:
+        restart_after = 0.0
     if not fresh and not state.get("restarted_at") and ctx.waited >= restart_after:
         kube.restart_deployment(namespace, deployment, ctx.today())
         state["restarted_at"] = ctx.now()
         ctx.save()
-        ctx.log.info(
-            "no pod started within %ss of the sync; restarted %s", int(restart_after), where
-        )
+        if status.reloader:
+            ctx.log.info(
+                "no pod started within %ss of the sync; restarted %s", int(restart_after), where
+            )
+        else:
+            ctx.log.info("%s has no Reloader annotation; restarted it at once", where)
         return Wait(f"{where} to roll out after a restart", timeout=waits.rollout)
     return Wait(f"{where} to roll out with the new secret", timeout=waits.rollout)
 

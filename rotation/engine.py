@@ -28,6 +28,7 @@ from rotation.errors import (
     StepFailed,
     UnknownName,
 )
+from rotation.explain import explain
 from rotation.facts import Facts, digest
 from rotation.policy import person
 from rotation.store import (
@@ -450,8 +451,13 @@ class Engine:
         except _Pause as pause:
             self._wait(ctx, pause.reason, until=pause.until)
         except RotorError as exc:
-            self._fail(ctx, str(exc))
+            self._fail(ctx, explain(exc, ctx.env) or str(exc))
         except Exception as exc:
+            expected = explain(exc, ctx.env)  # missing credentials, AWS refusals: one line
+            if expected:
+                ctx.log.debug("%s", type(exc).__name__, exc_info=True)
+                self._fail(ctx, expected)
+                return
             # A bug or an unexpected client error: keep the trace in the log, not the thread.
             ctx.log.exception("unexpected %s", type(exc).__name__)
             self._fail(ctx, f"{type(exc).__name__}: {exc}")

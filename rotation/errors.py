@@ -27,6 +27,10 @@ class DatabaseError(RotorError):
     """A database refused a login or a statement."""
 
 
+class DatabaseUnreachable(DatabaseError):
+    """The database server did not answer: wrong host or port, or no route from here."""
+
+
 class KubeError(RotorError):
     """The Kubernetes API refused a request or reported a failed sync or rollout."""
 

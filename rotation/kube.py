@@ -37,6 +37,16 @@ RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 # The API server refuses strategic-merge patches on custom resources (415), so every patch
 # Rotor sends says explicitly that it is a JSON merge patch (RFC 7386).
 MERGE_PATCH = "application/merge-patch+json"
+# Stakater Reloader rolls a Deployment carrying one of these when its Secret changes.
+RELOADER_AUTO = ("reloader.stakater.com/auto", "secret.reloader.stakater.com/auto",
+                 "reloader.stakater.com/search")
+RELOADER_NAMED = "secret.reloader.stakater.com/reload"
+
+
+def reloader_watches(annotations: Mapping[str, str]) -> bool:
+    """True when the Deployment asks Reloader to roll it on a Secret change."""
+    return (any(annotations.get(key, "").lower() == "true" for key in RELOADER_AUTO)
+            or bool(annotations.get(RELOADER_NAMED, "").strip()))
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class DeploymentStatus:
     available_replicas: int
     progress_deadline_exceeded: bool
     restarted_at: str | None
+    reloader: bool = True  # a Reloader annotation is present: a Secret change rolls it
 
     @property
     def complete(self) -> bool:
@@ -278,6 +289,7 @@ class Kube:
                 for c in conditions
             ),
             restarted_at=template_annotations.get(RESTARTED_AT_ANNOTATION),
+            reloader=reloader_watches((dep.metadata.annotations if dep.metadata else None) or {}),
         )
 
     def deployment_pods(self, namespace: str, name: str) -> list[PodInfo]:

@@ -33,7 +33,13 @@ from pymysql.charset import charset_by_name
 from pymysql.connections import Connection
 
 from rotation import fence, timeouts
-from rotation.errors import ConfigError, DatabaseError, InvalidIdentifier, UnknownName
+from rotation.errors import (
+    ConfigError,
+    DatabaseError,
+    DatabaseUnreachable,
+    InvalidIdentifier,
+    UnknownName,
+)
 from rotation.facts import body_digest
 from rotation.mysql_grants import (  # noqa: F401 - names callers reach through this module
     GRANTEE,
@@ -184,6 +190,9 @@ def connect(ep: Endpoint, *, timeout: float | None = None) -> Connection:
     except pymysql.err.MySQLError as exc:
         if _code(exc) in _ACCESS_DENIED:
             raise LoginRefused(redact(f"login as {ep} refused: {_message(exc)}")) from None
+        if _code(exc) in (2003, 2005):  # no answer from the host, or no such host
+            raise DatabaseUnreachable(redact(f"{ep.host}:{ep.port} does not answer: "
+                                             f"({_code(exc)}) {_message(exc)}")) from None
         _fail(f"cannot connect to {ep.host}:{ep.port} as {ep.user}", exc)
     except (OSError, ValueError) as exc:  # TLS handshake or certificate failure
         raise DatabaseError(

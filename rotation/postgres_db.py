@@ -31,7 +31,13 @@ from psycopg import errors, sql
 from psycopg.rows import TupleRow, tuple_row
 
 from rotation import fence, timeouts
-from rotation.errors import ConfigError, DatabaseError, InvalidIdentifier, StepFailed
+from rotation.errors import (
+    ConfigError,
+    DatabaseError,
+    DatabaseUnreachable,
+    InvalidIdentifier,
+    StepFailed,
+)
 from rotation.redact import redact, register
 
 log = logging.getLogger(__name__)
@@ -145,6 +151,9 @@ def connect(
         )
     except psycopg.Error as exc:
         # `from None`: the driver's text is summarised below; nothing else of it is needed.
+        if _UNREACHABLE.search(str(exc)):
+            raise DatabaseUnreachable(
+                f"{ep.host}:{ep.port} does not answer: {_login_reason(exc)}") from None
         raise DatabaseError(
             f"could not log in as {ep.describe(dbname)}: {_login_reason(exc)}"
         ) from None
@@ -158,6 +167,10 @@ def connect(
         conn.close()
         raise DatabaseError(f"connect: {_reason(exc)} ({ep.describe(dbname)})") from exc
     return conn
+
+
+_UNREACHABLE = re.compile(r"Connection refused|could not translate host name|timeout expired|"
+                          r"No route to host|Network is unreachable|Name or service not known")
 
 
 def _login_reason(exc: psycopg.Error) -> str:

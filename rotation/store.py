@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-from sqlite_utils.db import quote_identifier
+if TYPE_CHECKING:  # sqlite-utils loads on the first write: reading (`rotor status`) is quick
+    import sqlite_utils
 
 from rotation import fence, redact
 from rotation.errors import LeaseLost, RotationConflict, RotorError, UnknownName
@@ -359,16 +359,29 @@ class Store:
         self.clock = clock
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
+        self._conn = conn
+        self._db: sqlite_utils.Database | None = None
         self._lock = threading.RLock()
         if self.path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
         self.migrate()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The connection through sqlite-utils, made on first use."""
+        with self._lock:
+            if self._db is None:
+                import sqlite_utils
+
+                self._db = sqlite_utils.Database(self._conn, execute_plugins=False)
+            return self._db
 
     def migrate(self) -> int:
         """Run the migrations this file has not had yet; returns the schema version."""
+        if self._conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            return len(MIGRATIONS)  # up to date: nothing to write
         with self.transaction():
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
@@ -457,6 +470,8 @@ class Store:
         if unknown:
             raise ValueError(f"steps has no column {sorted(unknown)}")
         # Column names are checked against StepRow above and quoted by sqlite-utils.
+        from sqlite_utils.db import quote_identifier
+
         sets = ", ".join(f"{quote_identifier(k)} = ?" for k in values)
         where = "rotation_id = ? AND position = ?"
         args: list[Any] = [*values.values(), rotation_id, position]
@@ -571,12 +586,12 @@ class Store:
 
     def rotation(self, rotation_id: int) -> RotationRow:
         with self._lock:
-            row = self.db.execute(
+            row = self._conn.execute(
                 f"SELECT {', '.join(_ROTATION_FIELDS)} FROM rotations WHERE id = ?",  # noqa: S608
                 [rotation_id]).fetchone()
             if row is None:
                 raise UnknownName(f"no rotation #{rotation_id}")
-            steps = self.db.execute(
+            steps = self._conn.execute(
                 f"SELECT {', '.join(_STEP_FIELDS)} FROM steps "  # noqa: S608
                 "WHERE rotation_id = ? ORDER BY position", [rotation_id]).fetchall()
         values = dict(zip(_ROTATION_FIELDS, row, strict=True))
@@ -587,7 +602,7 @@ class Store:
 
     def _ids(self, query: str, args: list[Any]) -> list[int]:
         with self._lock:
-            return [r[0] for r in self.db.execute(query, args).fetchall()]
+            return [r[0] for r in self._conn.execute(query, args).fetchall()]
 
     def find_active(self, kind: str, target: str, env: str) -> RotationRow | None:
         ids = self._ids("SELECT id FROM rotations WHERE kind = ? AND target = ? AND env = ? "

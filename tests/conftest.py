@@ -64,7 +64,7 @@ def world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def slack() -> Iterator[Any]:
     """A fake Slack Web API for one test module's `rotor serve` (tests/slackbot.py)."""
-    from tests.fakes.slack_api import FakeSlack
+    from demo.slack_api import FakeSlack
     from tests.slackbot import GROUPS
 
     with FakeSlack(groups=dict(GROUPS)) as fake:

@@ -41,9 +41,9 @@ from moto.server import ThreadedMotoServer
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from demo.kube_api import FakeKube
 from rotation.store import RotationRow
 from tests import servers
-from tests.fakes.kube_api import FakeKube
 from tests.waiting import DEADLINE, wait_for
 
 ENVIRONMENTS = ("staging", "production")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.fakes.slack_api import TEAM, FakeSlack, Message
+from demo.slack_api import TEAM, FakeSlack, Message
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -54,9 +54,9 @@ def test_production_defaults_to_four_eyes_and_second_line():
      "rotor.yml: apps: name 'sign on;' must be lower-case letters, digits and hyphens"),
     ("environments: [1, 2", "rotor.yml line 1: not valid YAML"),
     ("- just a list", "rotor.yml: expected a mapping"),
-    ("environments:\n  staging: {aws_region: x, restored_from: production, restore_time: '03:00'}",
+    ("environments:\n  staging: {aws_region: eu-west-1, restored_from: production, restore_time: '03:00'}",
      "rotor.yml: environments.staging.restored_from: no environment named 'production'"),
-    ("environments:\n  staging: {aws_region: x, timezone: Mars/Olympus}",
+    ("environments:\n  staging: {aws_region: eu-west-1, timezone: Mars/Olympus}",
      "rotor.yml: environments.staging.timezone: unknown timezone 'Mars/Olympus'"),
 ])
 def test_a_bad_catalogue_names_the_key_and_what_is_wrong(text, message):
@@ -123,3 +123,66 @@ def test_sections_may_only_name_known_environments_and_apps():
         catalogue.parse(ISSUE_EXAMPLE + "iam_users: {u: {environments: {moon: {}}}}")
     with pytest.raises(ConfigError, match="databases.d.apps: no app named 'nope'"):
         catalogue.parse(ISSUE_EXAMPLE + "databases: {d: {engine: mysql, apps: [nope]}}")
+
+
+def _errors(text: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        catalogue.parse(text)
+    return str(err.value)
+
+
+def test_every_problem_is_reported_at_once_and_a_misspelt_key_gets_its_name():
+    message = _errors("""
+environments:
+  staging: {aws_regoin: eu-west-1}
+  production: {aws_region: eu-wset-1, aws_role_arn: not-an-arn}
+apps:
+  signon: {engine: mysql, deploymnet: web}
+key_age: {schedule: "0 9 * * someday", timezone: Europe/Lundun}
+slack: {channel: govuk-developers, second_line_channel: "#Has Spaces"}
+""")
+    lines = message.splitlines()
+    assert lines[0] == "rotor.yml: 8 problems:"
+    assert "environments.staging.aws_regoin: unknown key (did you mean 'aws_region'?)" in lines[1]
+    assert "Field required" not in message  # the misspelt key is the one reason
+    expected = [
+        "environments.production.aws_region: unknown AWS region 'eu-wset-1' "
+        "(did you mean 'eu-west-1'?)",
+        "environments.production.aws_role_arn: 'not-an-arn' is not an IAM role ARN",
+        "apps.signon.deploymnet: unknown key (did you mean 'deployment'?)",
+        "key_age.schedule: '0 9 * * someday' is not a cron expression",
+        "key_age.timezone: unknown timezone 'Europe/Lundun'",
+        "slack.channel: channel 'govuk-developers' must be '#name' (lower case) or a channel ID "
+        "(did you mean '#govuk-developers'?)",
+        "slack.second_line_channel: channel '#Has Spaces' must be",
+    ]
+    for line in expected:
+        assert any(line in got for got in lines), (line, message)
+
+
+def test_cross_references_are_all_reported_too():
+    message = _errors(ISSUE_EXAMPLE + "iam_users: {u: {environments: {prod: {}}}}\n"
+                      "databases: {d: {engine: mysql, apps: [sigon]}}")
+    assert "2 problems" in message
+    assert "iam_users.u.environments.prod: no such environment (did you mean 'production'?)" \
+        in message
+    assert "databases.d.apps: no app named 'sigon' (did you mean 'signon'?)" in message
+
+
+def test_valid_values_pass():
+    cat = catalogue.parse(ISSUE_EXAMPLE + """
+key_age: {schedule: "30 8 * * mon-fri", timezone: America/New_York}
+slack: {channel: "#rotor_test-1", second_line_channel: C0123ABCDE}
+""")
+    assert cat.key_age.schedule == "30 8 * * mon-fri"
+    assert cat.environments["production"].aws_region == "eu-west-1"
+
+
+@pytest.mark.parametrize("typed, meant", [("prod", "production"), ("live", "production"),
+                                          ("stg", "staging"), ("stag", "staging"),
+                                          ("Production", "production"), ("produc", "production")])
+def test_aliases_and_prefixes_suggest_the_environment(typed, meant):
+    cat = catalogue.parse(ISSUE_EXAMPLE)
+    with pytest.raises(UnknownName, match=f"unknown environment '{typed}' "
+                                          f"\\(did you mean '{meant}'\\?\\)"):
+        cat.environment(typed)

@@ -80,9 +80,11 @@ def test_bad_input_is_one_line_and_changes_nothing(world, args, message):
 
 def test_a_malformed_catalogue_names_the_key(world):
     world.config_path.write_text("environments: {staging: {aws_regio: x}}\n")
-    result = rotor(world, "status")
+    result = rotor(world, "plan", world.app, "staging")
     assert result.returncode == 1
-    assert "environments.staging.aws_region: Field required" in result.stderr
+    assert "environments.staging.aws_regio: unknown key (did you mean 'aws_region'?)" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _count(path: Path) -> int:

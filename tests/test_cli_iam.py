@@ -1,5 +1,5 @@
 """`rotor rotate-key` as a subprocess against moto's server: up to the persisted wait for the
-new key to take over, then Ctrl-C, which leaves the rotation resumable."""
+new key to take over, where it parks (or, with --follow, waits until Ctrl-C), resumable."""
 
 from __future__ import annotations
 
@@ -57,8 +57,12 @@ def test_rotate_key_from_the_cli_waits_for_the_switch_and_resumes(tmp_path):
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bot.cli", "rotate-key", user, "staging", "--yes"]
 
-    first = _rotate_until_waiting(cmd, env)
+    parked = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert parked.returncode == 3, parked.stdout + parked.stderr  # parked, not failed
+    first = parked.stdout
     assert f"started rotation #1: iam-key {user} in staging" in first
+    assert "rotation #1 is parked at wait-for-switch" in first
+    assert f"resume: `rotor rotate-key {user} staging`" in first
     keys = {k["AccessKeyId"]: k["Status"] for k in
             iam.list_access_keys(UserName=user)["AccessKeyMetadata"]}
     new = next(k for k in keys if k != old["AccessKeyId"])
@@ -68,9 +72,26 @@ def test_rotate_key_from_the_cli_waits_for_the_switch_and_resumes(tmp_path):
     assert current["access_key_id"] == new
     assert current["secret_access_key"] not in first and old["SecretAccessKey"] not in first
 
-    again = _rotate_until_waiting(cmd, env)
+    again = _rotate_until_waiting([*cmd, "--follow"], env)
     assert "resuming rotation #1" in again
     assert len(iam.list_access_keys(UserName=user)["AccessKeyMetadata"]) == 2  # no third key
     status = subprocess.run([sys.executable, "-m", "bot.cli", "status", "1"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert "wait-for-switch" in status.stdout and "waiting" in status.stdout
+
+
+def test_every_resume_command_names_the_command_of_the_rotations_kind():
+    from types import SimpleNamespace
+
+    from bot.cli import resume_command
+
+    def row(kind: str, **params: object) -> object:
+        return SimpleNamespace(id=7, kind=kind, target="t", env="staging", params=params)
+
+    assert resume_command(row("iam-key")) == "rotor rotate-key t staging"
+    assert resume_command(row("secret")) == "rotor rotate-secret t staging"
+    assert resume_command(row("rds-admin")) == "rotor rotate-admin t staging"
+    assert resume_command(row("mysql")) == "rotor rotate t staging"
+    assert resume_command(row("postgres", compromised=True)) == \
+        "rotor rotate t staging --compromised"
+    assert resume_command(row("plugin-kind")) == "rotor status 7"

@@ -26,13 +26,13 @@ from moto import mock_aws
 from moto.ecs.models import ecs_backends
 from moto.iam.models import AccessKeyLastUsed, iam_backends
 
+from demo.kube_api import FakeKube
 from rotation import catalogue, iam, redact
 from rotation import secrets as sm_secrets
 from rotation.clients import Clients
 from rotation.engine import Engine
 from rotation.errors import AwsError, ConfigError, UnknownName
 from rotation.store import RotationRow, Store
-from tests.fakes.kube_api import FakeKube
 
 STAGING_ACCOUNT, PRODUCTION_ACCOUNT = "123456789012", "111111111111"
 ACCOUNTS = {"staging": STAGING_ACCOUNT, "production": PRODUCTION_ACCOUNT}

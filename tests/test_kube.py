@@ -22,10 +22,10 @@ import kubernetes
 import pytest
 from moto import mock_aws
 
+from demo.kube_api import FakeKube, Recorded
 from rotation import redact
 from rotation.errors import KubeError
 from rotation.kube import Kube, parse_url_username
-from tests.fakes.kube_api import FakeKube, Recorded
 
 SECRET_ID = "govuk/signon/mysql"
 ES_PATH = "/apis/external-secrets.io/v1/namespaces/apps/externalsecrets/signon-mysql"

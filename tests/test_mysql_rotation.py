@@ -116,6 +116,20 @@ def test_without_a_reloader_the_deployment_is_restarted(world):
     assert "kubectl.kubernetes.io/restartedAt" in template["annotations"]
 
 
+def test_a_deployment_without_a_reloader_annotation_is_restarted_at_once(world, caplog):
+    world.waits["rollout_start"] = 3600  # a Reloader that never comes would cost an hour
+    world.write_config()
+    world.kube.configure_deployment("apps", world.app, reloads_on=())
+    engine = engine_for(world)
+    rotation = engine.start("mysql", world.app, "staging", "alice")
+    with caplog.at_level(logging.INFO, logger="rotor"):
+        row = drive(engine, rotation.id, until="drain")  # the rollout is behind it
+    assert row.step("rollout").status == "done", row.step("rollout")
+    assert "after a restart" in row.step("rollout").result
+    assert "has no Reloader annotation; restarted it at once" in caplog.text
+    assert world.clock() - row.step("rollout").started_at < 600  # not after rollout_start
+
+
 def test_a_failed_sync_stops_with_the_reason_and_retry_continues(world):
     engine = engine_for(world)
     rotation = engine.start("mysql", world.app, "staging", "alice")

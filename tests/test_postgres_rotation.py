@@ -416,7 +416,7 @@ def test_an_unknown_app_changes_nothing(world):
 
 def test_the_next_restore_is_found_in_local_time_across_a_clock_change():
     staging = catalogue.Environment(
-        aws_region="x", restored_from="production", restore_time="03:00", timezone="Europe/London"
+        aws_region="eu-west-1", restored_from="production", restore_time="03:00", timezone="Europe/London"
     )
     assert next_restore(staging, EVENING) == NEXT_RESTORE  # 03:00 BST
     winter = datetime(2026, 1, 10, 2, 59, tzinfo=UTC).timestamp()

@@ -20,9 +20,10 @@ def _first_code_block(text: str) -> list[str]:
     return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
-def test_readme_opens_with_exactly_two_commands_run_and_test():
+def test_readme_opens_with_exactly_two_commands_demo_and_test():
     assert README.index("```sh") < 1200, "the set-up commands must be near the top"
-    assert _first_code_block(README) == ["make run", "make test"]
+    assert _first_code_block(README) == ["make demo", "make test"]
+    assert "`make run`" in README[README.index("## Running it for real"):]
 
 
 def test_ci_runs_the_readmes_test_command():
@@ -94,3 +95,48 @@ def test_every_step_of_every_kind_is_in_the_readmes_runbook_table():
             name = re.sub(r"^(manual)-.*", r"\1-<place>", step.name)
             name = re.sub(r"^(rollback)-.*", r"\1-*", name)
             assert f"`{name}`" in table, f"{kind} step {step.name} is missing from README.md"
+
+
+def test_the_readmes_configuration_reference_is_generated_from_the_models():
+    from bot.reference import BEGIN, END, config_reference
+
+    start, end = README.index(BEGIN), README.index(END) + len(END)
+    assert README[start:end] == config_reference(), \
+        "README is out of date: paste the output of `rotor config-reference`"
+
+
+def test_every_catalogue_key_has_a_description():
+    from bot.reference import config_reference
+
+    for row in config_reference().splitlines():
+        if row.startswith("| `"):
+            assert row.rstrip(" |").split("|")[-1].strip(), f"no description: {row}"
+
+
+ENV_READ = re.compile(r"""(?:environ|env|getenv)(?:\.get)?\(?\[?\s*["']([A-Z][A-Z0-9_]{2,})["']""")
+
+
+# Keys of a WSGI request's environ, and variables set for Python or by tests for the client.
+WSGI_AND_PYTHON = {"CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_", "PATH_INFO", "REQUEST_METHOD",
+                   "PYTHONPATH",
+                   "PYTHONUNBUFFERED", "KUBERNETES_SERVICE_PORT"}
+
+
+def test_every_environment_variable_the_code_reads_is_in_the_reference():
+    from bot.reference import ENVIRONMENT
+
+    listed = {part.strip() for name in ENVIRONMENT for part in name.split(",")}
+    found = set()
+    for folder in ("bot", "handlers", "rotation", "tests", "benchmarks", "demo"):
+        for path in (ROOT / folder).rglob("*.py"):
+            found |= {name for name in ENV_READ.findall(path.read_text())
+                      if not name.startswith("AWS_") and name not in WSGI_AND_PYTHON}
+    assert {"ROTOR_BIND", "ROTOR_CONFIG", "ROTOR_EXTRA_KINDS"} <= found  # the scan works
+    assert found - listed == set(), "add them to bot/reference.py ENVIRONMENT"
+
+
+def test_the_readme_points_at_nothing_outside_the_repository():
+    assert "shared/" not in README and "runbooks/" not in README
+    for link in re.findall(r"\]\((?!https?://|#)([^)]+)\)", README):
+        assert (ROOT / link).exists(), f"README links to {link}, which is not in the repository"
+    assert (ROOT / "LICENSE").read_text().startswith("The MIT License")

@@ -16,10 +16,10 @@ import pytest
 
 from bot.settings import Settings
 from bot.wiring import build_engine
+from demo import kube_api
 from rotation.engine import Engine
 from rotation.errors import ConfigError, UnknownName
 from tests import servers
-from tests.fakes import kube_api
 from tests.rig import Rig, drive
 
 OTHER = "other-db"

@@ -1,6 +1,6 @@
 """Scheduled reminders: the key-age check and the daily approval nudge.
 
-Slack is the small fake Web API (`tests.fakes.slack_api`) spoken to by the real WebClient;
+Slack is the small fake Web API (`demo.slack_api`) spoken to by the real WebClient;
 AWS is moto in-process; time is an injected clock set to the slot being tested.
 """
 
@@ -23,11 +23,11 @@ from slack_sdk import WebClient
 
 from bot import reminders
 from bot.cli import main
+from demo.slack_api import FakeSlack
 from handlers import messages
 from rotation.engine import Engine
 from rotation.errors import AwsError
 from rotation.store import Store
-from tests.fakes.slack_api import FakeSlack
 from tests.test_iam import CONFIG, DAY, STAGING_ACCOUNT, USER, World
 
 LONDON = ZoneInfo("Europe/London")
@@ -244,15 +244,13 @@ def test_a_slot_longer_ago_than_the_catch_up_window_is_left_alone(world, slack):
     assert slack.roots() == []
 
 
-def test_a_bad_cron_in_rotor_yml_is_one_clear_line(tmp_path, slack):
-    with mock_aws():
-        world = World(
-            tmp_path, CONFIG.replace("warn_days: 80", 'warn_days: 80, schedule: "0 9 * * someday"')
-        )
-        with pytest.raises(reminders.ConfigError, match="^key_age.schedule: '0 9 .*someday"):
-            reminders.schedule(
-                BackgroundScheduler(), world.engine, client(slack), world.catalogue, world.clock
-            )
+def test_a_bad_cron_in_rotor_yml_is_one_clear_line_when_it_is_loaded(tmp_path, slack):
+    from rotation import catalogue
+
+    text = CONFIG.replace("warn_days: 80", 'warn_days: 80, schedule: "0 9 * * someday"')
+    with pytest.raises(reminders.ConfigError,
+                       match="^rotor.yml: key_age.schedule: '0 9 .*someday.* is not a cron"):
+        catalogue.parse(text)
 
 
 # -- the daily approval nudge ------------------------------------------------------------------
@@ -308,7 +306,7 @@ def test_a_rotation_waiting_over_a_day_is_reminded_daily_in_its_thread(world, sl
 def test_rotor_keys_prints_the_report(world, tmp_path, monkeypatch):
     world.clock.now = time.time()  # the CLI's clock is the real one
     seed_ages(world, AGES)
-    monkeypatch.setattr("bot.cli.setup_logging", lambda level: None)
+    monkeypatch.setattr("bot.wiring.setup_logging", lambda level: None)
     config = tmp_path / "rotor.yml"
     config.write_text(CONFIG)
     monkeypatch.setenv("ROTOR_STATE", str(tmp_path / "cli.db"))

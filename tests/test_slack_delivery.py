@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.slack_api import Call, FakeSlack
+from demo.slack_api import Call, FakeSlack
 from tests.rig import operator_env
 from tests.slack_kinds import STEPS
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once, running_bot

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from demo.slack_api import FakeSlack
 from rotation.mysql import KIND
-from tests.fakes.slack_api import FakeSlack
 from tests.rig import rig
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 

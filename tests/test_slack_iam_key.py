@@ -19,8 +19,8 @@ from moto.iam.models import AccessKeyLastUsed, iam_backends
 
 from bot.serve import Service
 from bot.settings import Settings
+from demo.slack_api import FakeSlack
 from rotation import iam
-from tests.fakes.slack_api import FakeSlack
 from tests.rig import AWS_ENV, REGION, Clock, moto_url
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 

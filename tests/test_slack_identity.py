@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.rig import AWS_ENV, moto_url, operator_env
 from tests.slackbot import GROUPS, BotProcess, running_bot
 

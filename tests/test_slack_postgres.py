@@ -3,7 +3,7 @@ Kubernetes: the owner-role conversion and the retirement approved by two other p
 
 from __future__ import annotations
 
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.rig import rig
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 

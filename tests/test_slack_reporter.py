@@ -9,8 +9,8 @@ from bot import slack as slack_api
 from bot.reporter import Reporter
 from bot.settings import Settings
 from bot.wiring import build_engine
+from demo.slack_api import FakeSlack
 from rotation.policy import Policy
-from tests.fakes.slack_api import FakeSlack
 from tests.rig import drive
 from tests.slackbot import BOT_TOKEN, GROUPS, SECRET_PASSWORD, BotProcess
 

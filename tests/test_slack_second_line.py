@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.slack_kinds import STEPS
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 

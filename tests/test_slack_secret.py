@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.rig import EcsDeployments, RotationLambda
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 from tests.test_managed_secret import AlternatingUsers

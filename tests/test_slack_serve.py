@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.slackbot import BotProcess, running_bot
 
 

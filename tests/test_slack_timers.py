@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.slackbot import GROUPS, BotProcess, running_bot
 
 

@@ -221,6 +221,9 @@ class FakeKube:
         self._requests: list[Recorded] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Called (under the lock) as each pod is created: (namespace, deployment, pod name).
+        # The demo's sample app reads the pod's environment from the Secret at that moment.
+        self.on_pod_created: Callable[[str, str, str], None] | None = None
 
     # -- server lifecycle ------------------------------------------------------------------
 
@@ -391,9 +394,17 @@ class FakeKube:
         *,
         rollout_delay: float | None = None,
         rollout_fails: bool | None = None,
+        reloads_on: Iterable[str] | None = None,
     ) -> None:
         with self._lock:
             state = self._dep_state[(namespace, name)]
+            if reloads_on is not None:  # the Reloader annotation, as `kubectl annotate` sets it
+                state.reloads_on = tuple(reloads_on)
+                annotations = self._deployments[(namespace, name)]["metadata"].setdefault(
+                    "annotations", {})
+                annotations.pop(RELOADER_WATCH, None)
+                if state.reloads_on:
+                    annotations[RELOADER_WATCH] = ",".join(state.reloads_on)
             if rollout_delay is not None:
                 state.rollout_delay = rollout_delay
             if rollout_fails is not None:
@@ -410,6 +421,13 @@ class FakeKube:
         with self._lock:
             self._advance()
             return copy.deepcopy(self._secrets[(namespace, name)])
+
+    def secret_data_now(self, namespace: str, name: str) -> dict[str, str]:
+        """The Secret's data this instant, decoded (no controller catches up first: safe to
+        call from `on_pod_created`)."""
+        with self._lock:
+            data = (self._secrets.get((namespace, name)) or {}).get("data") or {}
+            return {k: base64.b64decode(v).decode() for k, v in data.items()}
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's data, decoded."""
@@ -738,6 +756,8 @@ class FakeKube:
                 ],
             },
         }
+        if self.on_pod_created is not None:
+            self.on_pod_created(namespace, deployment, name)
         self._dep_state[(namespace, deployment)].pods.append(name)
 
     def _terminate_pod(self, namespace: str, name: str, t: float) -> None:

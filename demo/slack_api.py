@@ -24,7 +24,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,6 +88,10 @@ class FakeSlack:
     private: set[str] = field(default_factory=set)  # IDs of private channels
     joined: set[str] = field(default_factory=set)  # IDs of channels the bot is in
     port: int = 0  # 0: any free port
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)  # App Home, per user
+    # GET and POST /ui/… go here when set: (method, path, body) -> (status, type, body).
+    # The demo's page (demo.page) plays Slack's client on it.
+    ui: Callable[[str, str, bytes], tuple[int, str, bytes]] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -125,6 +129,10 @@ class FakeSlack:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/"
+
+    @property
+    def page_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
 
     def response_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/response/{name}"
@@ -282,7 +290,9 @@ class FakeSlack:
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": self._next_ts()}
         if method == "views.publish":
-            return {"ok": True, "view": {"id": "V1", **(_json(p.get("view")) or {})}}
+            view = _json(p.get("view")) or {}
+            self.views[str(p.get("user_id"))] = view
+            return {"ok": True, "view": {"id": "V1", **view}}
         if method == "usergroups.users.list":
             group = str(p.get("usergroup"))
             if group not in self.groups:
@@ -297,10 +307,10 @@ class FakeSlack:
             self.joined.add(channel)
             return {"ok": True, "channel": {"id": channel}}
         if method == "conversations.list":
-            listed = [{"id": cid, "name": name.lstrip("#"), "is_private": cid in self.private,
+            channels = [{"id": cid, "name": name.lstrip("#"), "is_private": cid in self.private,
                        "is_member": cid in self.joined} for name, cid in self.channels.items()
                       if cid not in self.private or cid in self.joined]
-            return {"ok": True, "channels": listed, "response_metadata": {"next_cursor": ""}}
+            return {"ok": True, "channels": channels, "response_metadata": {"next_cursor": ""}}
         if method in ("conversations.replies", "conversations.history"):
             channel = str(p.get("channel"))
             if channel in self.channels.values() and not self._member(channel):
@@ -339,8 +349,26 @@ def _handler(fake: FakeSlack) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def do_GET(self) -> None:
+            self._ui("GET", b"")
+
+        def _ui(self, method: str, raw: bytes) -> None:
+            if fake.ui is None:
+                self.send_error(404)
+                return
+            status, content_type, data = fake.ui(method, self.path, raw)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/ui/"):
+                self._ui("POST", raw)
+                return
             if self.path.startswith("/response/"):
                 method = "response_url"
             elif self.path.startswith("/api/"):
