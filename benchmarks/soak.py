@@ -7,8 +7,7 @@
 Runs examples of each kind in turn, each round from a seed drawn from `--seed` (printed, so
 a round replays alone with `--seed <round seed> --rounds 1 --kinds <kind>`), until the time
 is up. Prints the examples run, the faults injected by type, and the invariant violations,
-which must be 0 (exit status 1 otherwise). Violations of the invariants that "Act only on
-what was just verified" (issue 9) makes hold are counted apart, as pending.
+which must be 0 (exit status 1 otherwise).
 """
 
 from __future__ import annotations
@@ -38,8 +37,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="stop after this many (0: time)")
     parser.add_argument("--replay", metavar="KIND:SEED",
                         help="run the one round a test printed, and shrink what fails")
-    parser.add_argument("--issue-9", action="store_true",
-                        help="also let a person move AWSCURRENT back by hand")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack
     base = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
@@ -58,7 +55,7 @@ def main() -> int:
         rounds += 1
         print(f"round {rounds}: {kind} seed {round_seed} ...", flush=True)
         try:
-            fault_machine.run(kind, round_seed, args.examples, issue_9=args.issue_9)
+            fault_machine.run(kind, round_seed, args.examples)
             outcome = "ok"
         except Exception as exc:  # a violated invariant, shrunk; keep soaking
             failed += 1
@@ -79,9 +76,6 @@ def main() -> int:
     print(f"invariant violations: {len(set(fault_machine.VIOLATIONS))} distinct, "
           f"{failed} failing rounds")
     for line in sorted(set(fault_machine.VIOLATIONS)):
-        print(f"  {line}")
-    print(f"pending issue 9 (reported apart): {len(set(fault_machine.PENDING))} distinct")
-    for line in sorted(set(fault_machine.PENDING)):
         print(f"  {line}")
     return 1 if fault_machine.VIOLATIONS or failed else 0
 

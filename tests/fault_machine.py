@@ -37,14 +37,12 @@ PEOPLE = st.sampled_from(["alice", "bob", "carol"])  # alice starts every rotati
 TALLY: Counter[str] = Counter()
 FAULTS: Counter[str] = Counter()
 VIOLATIONS: list[str] = []
-PENDING: list[str] = []
 
 
 class RotationMachine(RuleBasedStateMachine):
     """One world, two workers, one rotation at a time; people and faults act at random."""
 
     KIND = "mysql"
-    ISSUE_9_ACTIONS = False  # actions whose safe handling "Act only on what was just verified"
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,7 +68,6 @@ class RotationMachine(RuleBasedStateMachine):
             TALLY[f"ended {row.status}/{row.phase} at {row.done_count} steps"] += 1
         FAULTS.update(self.referee.faults)
         VIOLATIONS.extend(self.referee.violations)
-        PENDING.extend(self.referee.pending)
         for worker in self.workers:
             worker.store.db.close()
         self.world.close()
@@ -260,9 +257,6 @@ class RotationMachine(RuleBasedStateMachine):
         self.referee.drop_next = True
         self.advance(0)
 
-    # -- what issue 9 makes safe ---------------------------------------------------------
-
-    @precondition(lambda self: self.ISSUE_9_ACTIONS)
     @rule()
     def a_person_moves_awscurrent_back(self) -> None:
         TALLY["rule a_person_moves_awscurrent_back"] += 1
@@ -289,16 +283,15 @@ class RotationMachine(RuleBasedStateMachine):
         assert not self.referee.violations, "\n".join(self.referee.violations)
 
 
-def machine(kind: str, *, issue_9: bool = False) -> type[RotationMachine]:
-    return type(f"{kind.title().replace('-', '')}Rotation", (RotationMachine,),
-                {"KIND": kind, "ISSUE_9_ACTIONS": issue_9})
+def machine(kind: str) -> type[RotationMachine]:
+    return type(f"{kind.title().replace('-', '')}Rotation", (RotationMachine,), {"KIND": kind})
 
 
 def run(kind: str, seed_value: int, examples: int, steps: int = 25, *,
-        issue_9: bool = False, shrink: bool = True) -> None:
+        shrink: bool = True) -> None:
     """Run `examples` examples of `kind` from `seed_value`; raise on a violated invariant,
     with the (shrunk) sequence of actions that replays it."""
-    factory = seed(seed_value)(machine(kind, issue_9=issue_9))
+    factory = seed(seed_value)(machine(kind))
     phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
     run_state_machine_as_test(factory, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None,

@@ -41,9 +41,6 @@ from tests.rig import AWS_ENV, Clock, Rig, moto_client, moto_url, rig
 
 DESTRUCTIVE = re.compile(r"DROP USER|DROP ROLE|DROP OWNED|REASSIGN OWNED|^run KILL|rds_kill|"
                          r"pg_terminate_backend|DeleteAccessKey|UpdateAccessKey Inactive")
-# Invariants whose violations come from gaps "Act only on what was just verified" (issue 9)
-# closes: reported apart, so this suite is green before that lands. Empty it when it has.
-AWAITING_ISSUE_9 = {"approval-reused", "current-after-manual-move"}
 
 
 class Killed(BaseException):
@@ -88,7 +85,6 @@ class Referee:
         self.state_path = state_path
         self.clock = clock
         self.violations: list[str] = []
-        self.pending: list[str] = []  # violations of AWAITING_ISSUE_9 invariants
         self.faults: Counter[str] = Counter()
         self.effects: list[tuple[str, int, str]] = []
         self.aws_faults: list[str] = []  # "throttle" / "5xx", one per call to fail
@@ -102,8 +98,7 @@ class Referee:
         self._lock = threading.Lock()
 
     def violation(self, name: str, detail: str) -> None:
-        line = f"{name}: {detail}"
-        (self.pending if name in AWAITING_ISSUE_9 else self.violations).append(line)
+        self.violations.append(f"{name}: {detail}")
 
     # -- at each side effect -------------------------------------------------------------
 
