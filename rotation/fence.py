@@ -87,8 +87,14 @@ class Lease:
     def _heartbeat(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                if not self.renew():
+                if self.lost.is_set():
                     return
+                if self.store.renew(self.rotation_id, self.owner, self.token,
+                                    self.clock() + self.seconds):
+                    continue
+                if not self._stop.is_set():  # not merely released while this beat waited
+                    self._lose("the next heartbeat")
+                return
             except Exception:  # a busy or failing state DB: try again at the next beat
                 log.exception("lease: #%s heartbeat failed", self.rotation_id)
 
@@ -107,7 +113,9 @@ class Lease:
             _current.reset(reset)
             self._stop.set()
             if thread is not None:
-                thread.join()
+                # Bounded: a Ctrl-C that landed inside `with lock:` can leave the store's
+                # lock held by this thread (bpo-29988), and the beat would wait on it forever.
+                thread.join(5.0)
 
 
 def current() -> Lease | None:
