@@ -266,7 +266,7 @@ class Store:
     skip_locked = ""
     integrity_errors: tuple[type[BaseException], ...] = ()
 
-    def __new__(cls, path: str | Path, *, clock: Callable[[], float]) -> Store:
+    def __new__(cls, path: str | Path, *, clock: Callable[[], float], **options: Any) -> Store:
         if cls is Store:
             if str(path).startswith(POSTGRES_SCHEMES):
                 from rotation.store_pg import PostgresStore

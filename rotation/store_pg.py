@@ -127,7 +127,8 @@ class PostgresStore(Store):
     integrity_errors = (psycopg.IntegrityError,)
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float],
-                 bounds: Bounds = BOUNDS, max_size: int = 8) -> None:
+                 bounds: Bounds = BOUNDS, max_size: int = 8,
+                 application_name: str = "rotor") -> None:
         super().__init__(path, clock=clock)
         idle, interval, count = bounds.keepalives()
         options = (f"-c statement_timeout={int(bounds.db_read * 1000)} "
@@ -138,7 +139,7 @@ class PostgresStore(Store):
             kwargs={"autocommit": True, "connect_timeout": max(2, int(bounds.db_connect)),
                     "keepalives": 1, "keepalives_idle": idle,
                     "keepalives_interval": interval, "keepalives_count": count,
-                    "options": options, "application_name": "rotor"},
+                    "options": options, "application_name": application_name},
             name="rotor-state")
         try:
             self.pool.open(wait=True, timeout=bounds.db_connect * 2)
