@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from rotation.engine import Engine
 from rotation.store import Store
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.slackbot import running_bot
 from tests.test_engine import CATALOGUE, Clock, ScriptedKind, done
 from tests.waiting import wait_for
 
@@ -36,4 +37,23 @@ def test_state_db_outage_is_reported_and_work_resumes_after(postgres_state):
         assert store.rotation(rid).status == "done" and kind.calls == ["a", "b"]
     finally:
         store.close()
+        proxy.close()
+
+
+def test_rotor_serve_reports_the_outage_on_readyz_and_carries_on_after(tmp_path,
+                                                                      postgres_state):
+    parts = urlsplit(postgres_state)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    url = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    try:
+        with running_bot(tmp_path, state_url=url) as bot:
+            proxy.cut()
+            answer = bot.wait_for(lambda: bot.get("/readyz"), lambda a: a.status == 503,
+                                  what="/readyz to report the state DB")
+            assert "state DB unreachable" in answer.body
+            proxy.restore()
+            bot.wait_ready()
+            assert bot.command("signon staging", user="U0ALICE").status == 200
+            bot.wait_step("signon", "staging", "switch", "needs-approval")
+    finally:
         proxy.close()
