@@ -377,7 +377,7 @@ class Engine:
         lease = fence.Lease(self.store, rotation_id, self.worker_id, token,
                             seconds=LEASE_SECONDS, clock=self.clock)
         try:
-            with lease.held(self.heartbeat):
+            with lease.held():
                 return self._advance(rotation_id, lease)
         except LeaseLost as exc:
             # Another worker has the rotation now; what this one had not done stays undone.
@@ -393,6 +393,7 @@ class Engine:
                 return rotation
             if rotation.cancel_requested_by:
                 lease.step = "cancel"
+                lease.beat(self.heartbeat)
                 self._cancel_now(rotation)
                 continue
             step = rotation.current
@@ -403,6 +404,7 @@ class Engine:
                 self._schedule(rotation)
                 return self.store.rotation(rotation_id)
             lease.step = step.name
+            lease.beat(self.heartbeat)
             self._run_step(rotation, step)
 
     def _runnable(self, step: StepRow) -> bool:
