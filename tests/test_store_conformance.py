@@ -157,7 +157,7 @@ def test_leases_carry_fencing_tokens_and_a_lost_lease_writes_nothing(
     assert b.claim(rid, "B", clock.now + 60) == 2
     assert not a.renew(rid, "A", token, clock.now + 60)
     lease = fence.Lease(a, rid, "A", token, seconds=60, clock=clock)
-    with lease.held(heartbeat=None), pytest.raises(LeaseLost):
+    with lease.held(), pytest.raises(LeaseLost):
         with a.transaction():
             a.update_rotation(rid, data={"written": "by A"})
     assert b.rotation(rid).data == {}
