@@ -127,7 +127,7 @@ class PostgresStore(Store):
     integrity_errors = (psycopg.IntegrityError,)
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float],
-                 bounds: Bounds = BOUNDS, max_size: int = 8,
+                 bounds: Bounds = BOUNDS, max_size: int = 16,
                  application_name: str = "rotor") -> None:
         super().__init__(path, clock=clock)
         idle, interval, count = bounds.keepalives()
