@@ -12,6 +12,8 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+
 from rotation.timeouts import LEASE_SECONDS
 from tests.fakes.slack_api import FakeSlack
 from tests.slack_kinds import STEPS
@@ -27,6 +29,7 @@ def _replicas(workdir: Path, slack: FakeSlack, url: str, n: int) -> list[BotProc
     return bots
 
 
+@pytest.mark.timeout(600)  # three processes to start on a loaded machine, and a lease to wait
 def test_a_replica_killed_mid_step_is_replaced_and_nothing_happens_twice(tmp_path,
                                                                           postgres_state):
     with ExitStack() as stack:

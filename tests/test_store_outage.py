@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import pytest
+
 from rotation.engine import Engine
 from rotation.store import Store
 from tests.fakes.tcp_proxy import TcpProxy
@@ -40,6 +42,7 @@ def test_state_db_outage_is_reported_and_work_resumes_after(postgres_state):
         proxy.close()
 
 
+@pytest.mark.timeout(300)
 def test_rotor_serve_reports_the_outage_on_readyz_and_carries_on_after(tmp_path,
                                                                       postgres_state):
     parts = urlsplit(postgres_state)
