@@ -13,6 +13,8 @@ databases come in through `clients`, and 2nd line is told through a `SecondLine`
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -308,6 +310,7 @@ class Engine:
         self.heartbeat: float | None = timeouts.HEARTBEAT_SECONDS
         timeouts.check(timeouts.BOUNDS, LEASE_SECONDS, timeouts.HEARTBEAT_SECONDS)
         self.on_change: Callable[[int], None] = lambda rotation_id: None
+        self._released = threading.Condition()  # notified whenever this engine lets a lease go
 
     # -- starting ---------------------------------------------------------------------
 
@@ -385,6 +388,8 @@ class Engine:
             return self.store.rotation(rotation_id)
         finally:
             self.store.release(rotation_id, self.worker_id, token)
+            with self._released:
+                self._released.notify_all()
 
     def _advance(self, rotation_id: int, lease: fence.Lease) -> RotationRow:
         while True:
@@ -751,7 +756,19 @@ class Engine:
                                        next_run_at=self.clock())
             self.store.audit(rotation.id, "cancel-requested", actor, detail=rotation.phase)
         self.on_change(rotation.id)
-        return self.advance(rotation.id) if now else self.store.rotation(rotation.id)
+        if not now:
+            return self.store.rotation(rotation.id)
+        row = self.advance(rotation.id)
+        # This engine's worker thread may hold the rotation (a lease is never taken twice):
+        # it sees the request at its next step; wait for it to let go, then cancel here.
+        deadline = time.monotonic() + LEASE_SECONDS
+        with self._released:
+            row = self.store.rotation(rotation.id)  # read under the lock: no missed notify
+            while (row.status == ACTIVE and row.lease_owner == self.worker_id
+                   and time.monotonic() < deadline):
+                self._released.wait(deadline - time.monotonic())
+                row = self.store.rotation(rotation.id)
+        return self.advance(rotation.id) if row.status == ACTIVE else row
 
     def _cancel_now(self, rotation: RotationRow) -> None:
         step = rotation.current or rotation.steps[-1]
