@@ -389,6 +389,8 @@ class Service:
         problems = []
         if not self.worker.alive:
             problems.append("the engine worker is not running")
+        if (state := self.engine.store.ping()) is not None:
+            problems.append(state)
         if not self.scheduler.running:
             problems.append("the scheduler is not running")
         if self.workspace is not None and self.workspace.known() is None:

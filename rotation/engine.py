@@ -361,8 +361,12 @@ class Engine:
 
     def tick(self) -> float | None:
         """Advance every rotation that is due; return seconds until the next one is."""
-        for rotation_id in self.store.due(self.clock()):
-            self.advance(rotation_id)
+        ran: set[int] = set()
+        while claimed := self.store.claim_due(self.clock(), self.worker_id,
+                                              self.clock() + LEASE_SECONDS, skip=ran,
+                                              is_stale=holder_is_dead):
+            ran.add(claimed[0])
+            self._advance_claimed(*claimed)
         next_at = self.store.next_due_at()
         return None if next_at is None else max(0.0, next_at - self.clock())
 
@@ -372,6 +376,9 @@ class Engine:
                                  is_stale=holder_is_dead)
         if token is None:
             return self.store.rotation(rotation_id)
+        return self._advance_claimed(rotation_id, token)
+
+    def _advance_claimed(self, rotation_id: int, token: int) -> RotationRow:
         lease = fence.Lease(self.store, rotation_id, self.worker_id, token,
                             seconds=LEASE_SECONDS, clock=self.clock)
         try:

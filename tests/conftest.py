@@ -85,3 +85,17 @@ def deployments(world: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     from tests.rig import EcsDeployments
 
     return EcsDeployments(world.clock).install(monkeypatch)
+
+
+@pytest.fixture
+def postgres_state() -> Iterator[str]:
+    """The URL of a uniquely named PostgreSQL database for a state store, dropped after."""
+    yield from _sandbox(servers.postgres_state_db, servers.drop_postgres_state_db)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Each state backend in turn: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    return str(request.getfixturevalue("postgres_state"))
