@@ -422,13 +422,20 @@ class Engine:
         return False
 
     def _schedule(self, rotation: RotationRow) -> None:
-        """Record when the worker should look at this rotation next (None: a person must)."""
+        """Record when the worker should look at this rotation next (None: a person must).
+
+        Compare-and-set against the step as `rotation` shows it: a decision made since it
+        was read (an approval, a retry, a request, a cancel) set its own wake-up, and a
+        stale read must never overwrite it. When the step moved, look again at once.
+        """
         step = rotation.current
-        next_run = None
-        if step is not None and step.status == "waiting":
-            next_run = step.next_check_at
+        if step is None:
+            return
+        next_run = step.next_check_at if step.status == "waiting" else None
         with self.store.transaction():
-            self.store.update_rotation(rotation.id, next_run_at=next_run)
+            if not self.store.schedule(rotation.id, next_run, position=step.position,
+                                       status=step.status, next_check_at=step.next_check_at):
+                self.store.update_rotation(rotation.id, next_run_at=self.clock())
 
     def _run_step(self, rotation: RotationRow, step: StepRow) -> None:
         kind = self.kind(rotation.kind)

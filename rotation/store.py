@@ -442,6 +442,21 @@ class Store:
                    "WHERE id = ?", [owner, until, token + 1, rotation_id])
         return int(token + 1)
 
+    def schedule(self, rotation_id: int, next_run_at: float | None, *, position: int,
+                 status: str, next_check_at: float | None) -> bool:
+        """Set when the worker looks at the rotation next, compare-and-set: only while step
+        `position` still has `status` and `next_check_at` and no cancel was asked for.
+
+        Call inside a transaction. False: something changed since the caller read it."""
+        cursor = self.db.execute(
+            "UPDATE rotations SET next_run_at = ?, updated_at = ? WHERE id = ? "
+            "AND status = 'active' AND cancel_requested_by IS NULL AND EXISTS ("
+            "SELECT 1 FROM steps WHERE rotation_id = ? AND position = ? AND status = ? "
+            "AND next_check_at IS ?)",
+            [next_run_at, self.clock(), rotation_id, rotation_id, position, status,
+             next_check_at])
+        return cursor.rowcount == 1
+
     def claim(self, rotation_id: int, owner: str, until: float, *,
               is_stale: Callable[[str], bool] = holder_is_dead) -> int | None:
         """Take the rotation's lease if it is free, expired, or held by a dead process.
