@@ -448,14 +448,15 @@ class Store:
         `position` still has `status` and `next_check_at` and no cancel was asked for.
 
         Call inside a transaction. False: something changed since the caller read it."""
-        cursor = self.db.execute(
-            "UPDATE rotations SET next_run_at = ?, updated_at = ? WHERE id = ? "
-            "AND status = 'active' AND cancel_requested_by IS NULL AND EXISTS ("
-            "SELECT 1 FROM steps WHERE rotation_id = ? AND position = ? AND status = ? "
-            "AND next_check_at IS ?)",
-            [next_run_at, self.clock(), rotation_id, rotation_id, position, status,
-             next_check_at])
-        return cursor.rowcount == 1
+        with self._session() as db:
+            cursor = db.execute(
+                "UPDATE rotations SET next_run_at = ?, updated_at = ? WHERE id = ? "
+                "AND status = 'active' AND cancel_requested_by IS NULL AND EXISTS ("
+                "SELECT 1 FROM steps WHERE rotation_id = ? AND position = ? AND status = ? "
+                "AND next_check_at IS NOT DISTINCT FROM ?)",
+                [next_run_at, self.clock(), rotation_id, rotation_id, position, status,
+                 next_check_at])
+            return bool(cursor.rowcount == 1)
 
     def claim(self, rotation_id: int, owner: str, until: float, *,
               is_stale: Callable[[str], bool] = holder_is_dead) -> int | None:

@@ -19,16 +19,16 @@ def ask(ctx: Context) -> Outcome:
     return Done("approved")
 
 
-def _engine(tmp_path: Any, clock: Any = time.time) -> Engine:
+def _engine(state: str, clock: Any = time.time) -> Engine:
     kind = ScriptedKind({"ask": ask, "after": done})
-    store = Store(tmp_path / "state.db", clock=clock)
+    store = Store(state, clock=clock)
     return Engine(store, CATALOGUE, {"mysql": kind}, clients=None, clock=clock)
 
 
-def test_an_approval_between_the_workers_read_and_its_schedule_keeps_its_wake_up(tmp_path):
+def test_an_approval_between_the_workers_read_and_its_schedule_keeps_its_wake_up(state_url):
     """The approval lands right after the worker read the rotation as needing approval, and
     before it recorded "nobody needs to look at this": the rotation must still be due."""
-    engine = _engine(tmp_path)
+    engine = _engine(state_url)
     rotation = engine.start("mysql", "signon", "staging", "U1")
     worker = threading.current_thread()
     read = engine.store.rotation
@@ -64,14 +64,14 @@ MANY = catalogue.parse(
     + "waits: {first_check: 1, max_check: 8}\n")
 
 
-def test_many_rotations_with_instant_approvals_all_finish(tmp_path):
+def test_many_rotations_with_instant_approvals_all_finish(state_url):
     """20 rotations, two workers, and a person who approves each gate the moment it opens:
     every rotation finishes (on the old `_schedule`, some stopped for good: approved, but
     never due again)."""
     kinds = {"mysql": ScriptedKind({"ask": ask, "after": done})}
 
     def engine() -> Engine:
-        return Engine(Store(tmp_path / "state.db", clock=time.time), MANY, kinds,
+        return Engine(Store(state_url, clock=time.time), MANY, kinds,
                       clients=None, clock=time.time)
 
     starter, person, workers = engine(), engine(), [engine(), engine()]
