@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.fakes.slack_api import FakeSlack  # noqa: E402
+from demo.slack_api import FakeSlack  # noqa: E402
 
 from rotation.store import Store  # noqa: E402
 from tests import servers  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rotation.timeouts import LEASE_SECONDS
-from tests.fakes.slack_api import FakeSlack
+from demo.slack_api import FakeSlack
 from tests.slack_kinds import STEPS
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 
