@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from demo.slack_api import FakeSlack  # noqa: E402
-
 from rotation.store import Store  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.slackbot import APPS, GROUPS, BotProcess  # noqa: E402

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rotation.timeouts import LEASE_SECONDS
 from demo.slack_api import FakeSlack
+from rotation.timeouts import LEASE_SECONDS
 from tests.slack_kinds import STEPS
 from tests.slackbot import GROUPS, BotProcess, assert_posted_once
 
