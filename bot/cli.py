@@ -330,5 +330,9 @@ def keys(obj: _Obj, env: str | None) -> None:
                        f"old, last used {_when(found.last_used)}  {how}")
 
 
+from bot import cli_ops  # noqa: E402
+
+cli_ops.register(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
