@@ -9,7 +9,7 @@ import click
 
 
 def register(main: click.Group) -> None:
-    for command in (rbac,):
+    for command in (rbac, iam_policy):
         main.add_command(command)
 
 
@@ -32,3 +32,16 @@ def rbac(obj: Any, env: str | None, service_account: str,
                "calls Rotor makes, on the objects rotor.yml names.\n"
                "# Secrets are named after their ExternalSecret (ESO's default target).")
     click.echo(rbac_module.to_yaml(objects), nl=False)
+
+
+@click.command("iam-policy")
+@click.argument("env")
+@click.pass_obj
+def iam_policy(obj: Any, env: str) -> None:
+    """Print the least-privilege IAM policy (JSON) for ENV's catalogue."""
+    from rotation import iam_policy as policy
+
+    catalogue = obj.settings.catalogue
+    click.echo(policy.render(catalogue, env))
+    if catalogue.iam_users and not catalogue.environment(env).where_used_prefix:
+        click.echo(f"rotor: note: {policy.SCAN_NOTE}", err=True)

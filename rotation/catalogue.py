@@ -62,6 +62,11 @@ class Environment(_Model):
     restored_from: str | None = None
     restore_time: time | None = None
     timezone: str = "Europe/London"
+    # Customer-managed KMS keys (ARNs) encrypting the secrets Rotor reads and writes.
+    kms_keys: tuple[str, ...] = ()
+    # The where-used scan of an IAM key reads every secret's value; set this to read only
+    # secrets whose name starts with it (and `rotor iam-policy` grants only those).
+    where_used_prefix: str | None = None
 
     @field_validator("timezone")
     @classmethod
