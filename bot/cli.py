@@ -37,7 +37,7 @@ class _Obj:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = Settings.load(config_path=self.config)
-            setup_logging(self._settings.log_level)
+            setup_logging(self._settings.log_level, fmt=self._settings.log_format)
         return self._settings
 
     @property

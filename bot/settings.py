@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from rotation import catalogue as catalogue_module
 from rotation.catalogue import Catalogue
+from rotation.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Settings:
     port: int = 3000
     host: str = "0.0.0.0"
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object a line
     actor: str = "cli"
     # "module:attribute" naming a dict of extra rotation kinds (tests and plug-ins).
     extra_kinds: str | None = None
@@ -44,7 +46,21 @@ class Settings:
             slack_api_url=env.get("SLACK_API_URL") or None,
             port=int(env.get("PORT") or 3000),
             host=env.get("ROTOR_HOST") or "0.0.0.0",
-            log_level=env.get("ROTOR_LOG_LEVEL") or "INFO",
+            log_level=_log_level(env.get("ROTOR_LOG_LEVEL") or "INFO"),
+            log_format=_log_format(env.get("ROTOR_LOG_FORMAT") or "text"),
             actor=f"cli:{user}",
             extra_kinds=env.get("ROTOR_EXTRA_KINDS") or None,
         )
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"ROTOR_LOG_LEVEL: {value!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise ConfigError(f"ROTOR_LOG_FORMAT: {value!r} is not text or json")
+    return value
