@@ -19,10 +19,12 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from apscheduler.schedulers.background import BackgroundScheduler
 
 import handlers
 from bot import slack
+from bot.metrics import RotorMetrics
 from bot.notify import SlackSecondLine
 from bot.reporter import Reporter
 from bot.settings import Settings
@@ -72,11 +74,14 @@ def _answer(start_response: Callable[..., Any], status: str, text: str) -> list[
 
 
 def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
-            answering: AcksFirst) -> WSGIApp:
-    """Routes /healthz, /readyz and (in HTTP mode) Slack's requests, counted in `answering`."""
+            answering: AcksFirst, metrics: WSGIApp | None = None) -> WSGIApp:
+    """Routes /healthz, /readyz, /metrics and (in HTTP mode) Slack's requests, counted in
+    `answering`."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
+        if path == "/metrics" and metrics is not None:
+            return metrics(environ, start_response)
         if path == "/healthz":
             return _answer(start_response, "200 OK", "ok")
         if path == "/readyz":
@@ -124,6 +129,7 @@ class Service:
                                           catalogue.slack.second_line_group,
                                           thread_link=self._thread_link)
         self.engine = build_engine(settings, second_line=second_line, clock=clock)
+        self.metrics = RotorMetrics(self.engine, slack=client is not None, clock=clock)
         self.worker = EngineWorker(self.engine)
         self.answering = AcksFirst()
         self.jobs = Jobs(handlers.report_error, acks=self.answering)
@@ -146,7 +152,8 @@ class Service:
         self.client = client
         self.engine.on_change = self._changed
         self.http = http_server(host, settings.port,
-                                web_app(slack_events, self.problems, self.answering))
+                                web_app(slack_events, self.problems, self.answering,
+                                        self.metrics.wsgi()))
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -170,6 +177,8 @@ class Service:
         expire = slack_config.approval_expiry_hours * 3600
         every = min(60.0, max(0.2, min(remind, expire) / 4))
         reminded = self.reporter.wake if self.reporter else (lambda rotation_id: None)
+        self.scheduler.add_listener(self.metrics.scheduler_ran,
+                                    EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.add_job(remind_and_expire, "interval", seconds=every, id="approvals",
                                args=(self.engine, remind, expire, reminded))
         if self.reporter is not None:
