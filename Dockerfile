@@ -1,11 +1,12 @@
 # Rotor: slim, non-root, runs the Slack bot (`rotor serve`).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY bot bot
 COPY handlers handlers
 COPY rotation rotation
-RUN pip install --no-cache-dir --prefix=/install .
+# The same pins as `make` and CI (constraints.txt).
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
 
 FROM python:3.11-slim
 RUN groupadd --gid 10001 rotor && useradd --create-home --uid 10001 --gid 10001 rotor \

@@ -121,3 +121,28 @@ def test_ha_shares_postgresql_and_spreads_out() -> None:
     required = anti["requiredDuringSchedulingIgnoredDuringExecution"]
     assert required[0]["topologyKey"] == "kubernetes.io/hostname"
     assert required[0]["labelSelector"]["matchLabels"] == labels
+
+
+def _norm(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_dependency_is_pinned_and_the_image_and_ci_use_the_pins() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            pins[_norm(name)] = version
+    for requirement in wanted:
+        name = _norm(re.split(r"[\[<>=~ ]", requirement)[0])
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+    assert "-c constraints.txt" in (REPO / "Dockerfile").read_text()
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()
