@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -13,7 +15,7 @@ from bot.settings import Settings
 from bot.wiring import build_engine, setup_logging
 from rotation.engine import Engine
 from rotation.errors import RotorError
-from rotation.store import ACTIVE, AuditRow, RotationRow
+from rotation.store import ACTIVE, AuditRow, RotationRow, Store
 
 SYMBOL = {"done": "✓", "skipped": "–", "failed": "✗", "waiting": "…", "needs-approval": "?",
           "running": "▸", "pending": " "}
@@ -27,8 +29,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 class _Obj:
     """Settings and engine, made on first use so `--help` needs no config."""
 
-    def __init__(self, config: str | None) -> None:
+    def __init__(self, config: str | None, state: str | None = None) -> None:
         self.config = config
+        self.state = state
         self.second_line_told: str | None = None
         self._settings: Settings | None = None
         self._engine: Engine | None = None
@@ -37,6 +40,8 @@ class _Obj:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = Settings.load(config_path=self.config)
+            if self.state:
+                self._settings = dataclasses.replace(self._settings, state_path=self.state)
             setup_logging(self._settings.log_level, fmt=self._settings.log_format)
         return self._settings
 
@@ -64,10 +69,12 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.option("--config", envvar="ROTOR_CONFIG", metavar="PATH",
               help="The catalogue (default ./rotor.yml).")
+@click.option("--state", envvar="ROTOR_STATE", metavar="PATH|URL",
+              help="The state DB: a SQLite file (default ./rotor.db) or a postgresql:// URL.")
 @click.pass_context
-def main(ctx: click.Context, config: str | None) -> None:
+def main(ctx: click.Context, config: str | None, state: str | None) -> None:
     """Rotor: safe, resumable, audited credential rotations."""
-    ctx.obj = _Obj(config)
+    ctx.obj = _Obj(config, state)
 
 
 def _when(ts: float | None) -> str:
@@ -328,6 +335,30 @@ def keys(obj: _Obj, env: str | None) -> None:
                 "not in rotor.yml: rotate by hand"
             click.echo(f"  {state} {found.user:<32} key {found.slot} {found.age_days:>5} days "
                        f"old, last used {_when(found.last_used)}  {how}")
+
+
+@main.group()
+def state() -> None:
+    """The state DB."""
+
+
+@state.command("copy")
+@click.option("--to", "to", required=True, metavar="URL",
+              help="The new state DB, e.g. postgresql://rotor@db.internal/rotor; must be empty.")
+@click.pass_obj
+def state_copy(obj: _Obj, to: str) -> None:
+    """Copy the whole state (audit history, unfinished rotations) into an empty store.
+
+    Stop every `rotor serve` first; point them at the new store (ROTOR_STATE) after."""
+    source = Store(obj.settings.state_path, clock=time.time)
+    target = Store(to, clock=time.time)
+    try:
+        counts = target.copy_from(source)
+    finally:
+        target.close()
+        source.close()
+    click.echo(f"copied {source.describe()} to {target.describe()}: "
+               + ", ".join(f"{n} {table}" for table, n in counts.items()))
 
 
 from bot import cli_ops  # noqa: E402

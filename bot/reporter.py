@@ -169,8 +169,7 @@ class Reporter:
                   if (rows := self.store.audit_rows(r.id, limit=1))]
         if firsts:
             return min(firsts) - 1
-        with self.store.transaction() as db:
-            return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
+        return self.store.last_audit_id()
 
     def _deliver_rotation(self, rotation_id: int) -> int | None:
         """Deliver one rotation's new rows; the id of the row that must be retried, if any."""

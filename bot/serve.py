@@ -203,6 +203,8 @@ class Service:
         problems = []
         if not self.worker.alive:
             problems.append("the engine worker is not running")
+        if (state := self.engine.store.ping()) is not None:
+            problems.append(state)
         if not self.scheduler.running:
             problems.append("the scheduler is not running")
         if self.socket is not None and not self.socket.client.is_connected():

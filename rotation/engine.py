@@ -359,8 +359,12 @@ class Engine:
 
     def tick(self) -> float | None:
         """Advance every rotation that is due; return seconds until the next one is."""
-        for rotation_id in self.store.due(self.clock()):
-            self.advance(rotation_id)
+        ran: set[int] = set()
+        while claimed := self.store.claim_due(self.clock(), self.worker_id,
+                                              self.clock() + LEASE_SECONDS, skip=ran,
+                                              is_stale=holder_is_dead):
+            ran.add(claimed[0])
+            self._advance_claimed(*claimed)
         next_at = self.store.next_due_at()
         return None if next_at is None else max(0.0, next_at - self.clock())
 
@@ -370,10 +374,13 @@ class Engine:
                                  is_stale=holder_is_dead)
         if token is None:
             return self.store.rotation(rotation_id)
+        return self._advance_claimed(rotation_id, token)
+
+    def _advance_claimed(self, rotation_id: int, token: int) -> RotationRow:
         lease = fence.Lease(self.store, rotation_id, self.worker_id, token,
                             seconds=LEASE_SECONDS, clock=self.clock)
         try:
-            with lease.held(self.heartbeat):
+            with lease.held():
                 return self._advance(rotation_id, lease)
         except LeaseLost as exc:
             # Another worker has the rotation now; what this one had not done stays undone.
@@ -389,6 +396,7 @@ class Engine:
                 return rotation
             if rotation.cancel_requested_by:
                 lease.step = "cancel"
+                lease.beat(self.heartbeat)
                 self._cancel_now(rotation)
                 continue
             step = rotation.current
@@ -399,6 +407,7 @@ class Engine:
                 self._schedule(rotation)
                 return self.store.rotation(rotation_id)
             lease.step = step.name
+            lease.beat(self.heartbeat)
             self._run_step(rotation, step)
 
     def _runnable(self, step: StepRow) -> bool:

@@ -50,6 +50,7 @@ class Lease:
         self.lost = threading.Event()
         self._lost_lock = threading.Lock()
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.step: str | None = None  # what the worker is running, for the audit row
 
     def renew(self, before: str = "the next heartbeat") -> bool:
@@ -87,27 +88,38 @@ class Lease:
     def _heartbeat(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                if not self.renew():
+                if self.lost.is_set():
                     return
+                if self.store.renew(self.rotation_id, self.owner, self.token,
+                                    self.clock() + self.seconds):
+                    continue
+                if not self._stop.is_set():  # not merely released while this beat waited
+                    self._lose("the next heartbeat")
+                return
             except Exception:  # a busy or failing state DB: try again at the next beat
                 log.exception("lease: #%s heartbeat failed", self.rotation_id)
 
+    def beat(self, every: float | None) -> None:
+        """Start renewing the lease every `every` seconds (once a step is about to run: a
+        look at a rotation with nothing due needs no heartbeat)."""
+        if every and self._thread is None:
+            self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True,
+                                            name=f"rotor-lease-{self.rotation_id}")
+            self._thread.start()
+
     @contextmanager
-    def held(self, heartbeat: float | None) -> Iterator[Lease]:
-        """Make this the lease `guard` checks, renewed every `heartbeat` seconds meanwhile."""
+    def held(self) -> Iterator[Lease]:
+        """Make this the lease `guard` checks; stop its heartbeat when the block ends."""
         reset = _current.set(self)
-        thread = None
-        if heartbeat:
-            thread = threading.Thread(target=self._heartbeat, args=(heartbeat,), daemon=True,
-                                      name=f"rotor-lease-{self.rotation_id}")
-            thread.start()
         try:
             yield self
         finally:
             _current.reset(reset)
             self._stop.set()
-            if thread is not None:
-                thread.join()
+            if self._thread is not None:
+                # Bounded: a Ctrl-C that landed inside `with lock:` can leave the store's
+                # lock held by this thread (bpo-29988), and the beat would wait on it forever.
+                self._thread.join(5.0)
 
 
 def current() -> Lease | None:

@@ -1,5 +1,8 @@
-"""Rotor's state: rotations, their steps, the audit trail and a few locks, in SQLite.
+"""Rotor's state: rotations, their steps, the audit trail and a few locks.
 
+Two backends share this module's logic and SQL: SQLite (`rotation.store_sqlite`, the default:
+a file path) and PostgreSQL (`rotation.store_pg`: a `postgresql://` URL), which several
+`rotor serve` replicas can share. `Store(path_or_url, clock=...)` opens the right one.
 Every state change is written in one transaction together with its audit row. The audit
 table is append-only (triggers refuse UPDATE and DELETE). The database itself enforces at
 most one active rotation per kind, target and environment (a partial unique index), and
@@ -12,16 +15,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import sqlite_utils
 from sqlite_utils.db import quote_identifier
 
 from rotation import fence, redact
@@ -37,130 +38,6 @@ FINISHED_STEP = ("done", "skipped")
 
 class SecretInState(RotorError):
     """Refused to store text that contains a secret value."""
-
-
-def _m1_initial(db: sqlite_utils.Database) -> None:
-    db.executescript(
-        """
-        CREATE TABLE rotations (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            kind TEXT NOT NULL,
-            target TEXT NOT NULL,
-            env TEXT NOT NULL,
-            status TEXT NOT NULL,
-            initiator TEXT NOT NULL,
-            params TEXT NOT NULL DEFAULT '{}',
-            data TEXT NOT NULL DEFAULT '{}',
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            finished_at REAL,
-            next_run_at REAL,
-            lease_owner TEXT,
-            lease_until REAL,
-            cancel_requested_by TEXT
-        );
-        CREATE UNIQUE INDEX one_active_rotation ON rotations (kind, target, env)
-            WHERE status = 'active';
-        CREATE INDEX rotations_due ON rotations (status, next_run_at);
-
-        CREATE TABLE steps (
-            rotation_id INTEGER NOT NULL REFERENCES rotations (id),
-            position INTEGER NOT NULL,
-            name TEXT NOT NULL,
-            title TEXT NOT NULL,
-            destructive INTEGER NOT NULL DEFAULT 0,
-            status TEXT NOT NULL DEFAULT 'pending',
-            attempts INTEGER NOT NULL DEFAULT 0,
-            started_at REAL,
-            finished_at REAL,
-            result TEXT,
-            error TEXT,
-            wait_reason TEXT,
-            waiting_since REAL,
-            next_check_at REAL,
-            checks INTEGER NOT NULL DEFAULT 0,
-            gate TEXT,
-            gate_summary TEXT,
-            gate_destructive INTEGER,
-            gate_requested_at REAL,
-            decision TEXT,
-            decided_by TEXT,
-            decided_at REAL,
-            notice_at REAL,
-            notice_ref TEXT,
-            hold_until REAL,
-            reminded_at REAL,
-            expired_at REAL,
-            PRIMARY KEY (rotation_id, position)
-        );
-
-        CREATE TABLE audit (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            rotation_id INTEGER,
-            step TEXT,
-            event TEXT NOT NULL,
-            from_status TEXT,
-            to_status TEXT,
-            actor TEXT NOT NULL,
-            at REAL NOT NULL,
-            detail TEXT
-        );
-        CREATE INDEX audit_rotation ON audit (rotation_id, id);
-        CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
-            BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
-        CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
-            BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
-
-        CREATE TABLE locks (
-            name TEXT PRIMARY KEY,
-            owner TEXT NOT NULL,
-            until REAL NOT NULL
-        );
-
-        CREATE TABLE kv (
-            key TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        );
-        """
-    )
-
-
-def _m2_bound_approvals(db: sqlite_utils.Database) -> None:
-    """Approvals bound to one exact action; requests (Roll back, Reactivate) in their own table,
-    so a step writing back its `data` can never overwrite one."""
-    db.executescript(
-        """
-        ALTER TABLE steps ADD COLUMN gate_digest TEXT;
-        ALTER TABLE steps ADD COLUMN gate_four_eyes INTEGER;
-        CREATE TABLE requests (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            rotation_id INTEGER NOT NULL REFERENCES rotations (id),
-            name TEXT NOT NULL,
-            actor TEXT NOT NULL,
-            at REAL NOT NULL,
-            consumed_at REAL
-        );
-        CREATE UNIQUE INDEX one_open_request ON requests (rotation_id, name)
-            WHERE consumed_at IS NULL;
-        INSERT INTO requests (rotation_id, name, actor, at)
-            SELECT r.id, j.key, j.value, r.updated_at
-            FROM rotations r, json_each(r.data, '$._requests') j
-            WHERE r.status = 'active';
-        """
-    )
-
-
-def _m3_fencing_token(db: sqlite_utils.Database) -> None:
-    """Every claim of a rotation's lease bumps its token; a worker's writes carry it."""
-    db.execute("ALTER TABLE rotations ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0")
-
-
-# Numbered migrations: append, never edit. PRAGMA user_version records how many ran.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _m1_initial,
-    _m2_bound_approvals,
-    _m3_fencing_token,
-]
 
 
 @dataclass(frozen=True)
@@ -351,57 +228,125 @@ def holder_is_dead(holder: str) -> bool:
     return _start_time(int(parts[1])) != started
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Db(Protocol):
+    """One connection as the shared SQL sees it: `?` placeholders, whichever backend."""
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> Cursor: ...
+
+
+def _names(columns: Iterable[str]) -> str:
+    return ", ".join(quote_identifier(c) for c in columns)
+
+
 class Store:
-    """The state DB. Thread-safe: one connection, one lock, short transactions."""
+    """The state DB: the logic and SQL both backends share.
+
+    `Store(path_or_url, clock=...)` opens SQLite for a path and PostgreSQL for a
+    `postgresql://` URL. A backend provides connections (`_session`, `_begin`), migrations,
+    `ping` and `close`, and a few dialect words; everything else is here, in SQL both accept.
+    Within `transaction()` every call on this thread uses the transaction's connection.
+    """
+
+    path: str
+    # Dialect: what follows a SELECT that locks the rows a claim will update ("" where the
+    # transaction holds the whole database, as SQLite's BEGIN IMMEDIATE does).
+    for_update = ""
+    skip_locked = ""
+    integrity_errors: tuple[type[BaseException], ...] = ()
+
+    def __new__(cls, path: str | Path, *, clock: Callable[[], float], **options: Any) -> Store:
+        if cls is Store:
+            if str(path).startswith(POSTGRES_SCHEMES):
+                from rotation.store_pg import PostgresStore
+                cls = PostgresStore
+            else:
+                from rotation.store_sqlite import SQLiteStore
+                cls = SQLiteStore
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float]) -> None:
         self.path = str(path)
         self.clock = clock
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                               check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
-        self._lock = threading.RLock()
-        if self.path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.migrate()
+        self._local = threading.local()
+
+    # -- what a backend provides ----------------------------------------------------------
+
+    def _connect(self) -> AbstractContextManager[Db]:
+        """A connection for statements outside a transaction (each commits on its own)."""
+        raise NotImplementedError
+
+    def _begin(self) -> AbstractContextManager[Db]:
+        """A connection in a write transaction: committed at the end, rolled back on error."""
+        raise NotImplementedError
 
     def migrate(self) -> int:
-        """Run the migrations this file has not had yet; returns the schema version."""
-        with self.transaction():
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                migration(self.db)
-                # PRAGMA takes no bound parameters; `number` is an int from enumerate.
-                self.db.execute(f"PRAGMA user_version = {int(number)}")
-            return len(MIGRATIONS)
+        raise NotImplementedError
+
+    def ping(self) -> str | None:
+        """None when the database answers now; else why not, in one line (for /readyz)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _order_audit(self, db: Db) -> None:
+        """Make audit ids commit in the order they are handed out (see PostgresStore)."""
+
+    # -- connections ----------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self, *, fenced: bool = True) -> Iterator[sqlite_utils.Database]:
-        """BEGIN IMMEDIATE so concurrent writers queue instead of failing half-way.
+    def _session(self) -> Iterator[Db]:
+        current = getattr(self._local, "db", None)
+        if current is not None:
+            yield current
+            return
+        with self._connect() as db:
+            yield db
+
+    @contextmanager
+    def transaction(self, *, fenced: bool = True) -> Iterator[Db]:
+        """One write transaction; every write made by this thread inside it joins it.
 
         A worker that holds a rotation's lease (`rotation.fence`) writes only while its
         fencing token is still the rotation's: the first statement compare-and-sets it, and
         the transaction rolls back with LeaseLost when another worker has claimed since.
-        BEGIN IMMEDIATE holds the write lock from there to COMMIT, so no claim can slip in.
+        The statement holds the rotation (SQLite: the whole database, BEGIN IMMEDIATE;
+        PostgreSQL: its row) until COMMIT, so no claim can slip in.
         """
         lease = fence.current() if fenced else None
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._begin() as db:
+            self._local.db = db
             try:
-                if lease is not None and self.db.execute(
+                if lease is not None and db.execute(
                         "UPDATE rotations SET lease_token = lease_token WHERE id = ? "
                         "AND lease_owner = ? AND lease_token = ?",
                         [lease.rotation_id, lease.owner, lease.token]).rowcount != 1:
                     raise LeaseLost(f"rotation #{lease.rotation_id}: lease lost; "
                                     "nothing written")
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            else:
-                self.db.execute("COMMIT")
+                yield db
+            finally:
+                self._local.db = None
+
+    def _insert(self, db: Db, table: str, row: dict[str, Any], *, returning: bool = True
+                ) -> int | None:
+        # Table and column names come from this module's code, quoted all the same.
+        sql = ("INSERT INTO " + quote_identifier(table)  # noqa: S608
+               + " (" + _names(row) + ") VALUES (" + ", ".join("?" for _ in row) + ")"
+               + (" RETURNING id" if returning else ""))
+        cursor = db.execute(sql, list(row.values()))
+        return int(cursor.fetchone()[0]) if returning else None
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -413,7 +358,9 @@ class Store:
                "from_status": from_status, "to_status": to_status, "actor": actor,
                "at": self.clock(), "detail": detail}
         _guard(row)
-        self.db.table("audit").insert(row)
+        with self._session() as db:
+            self._order_audit(db)
+            self._insert(db, "audit", row)
 
     def create_rotation(self, kind: str, target: str, env: str, initiator: str,
                         params: dict[str, Any], steps: list[tuple[str, str, bool]]) -> int:
@@ -423,22 +370,22 @@ class Store:
                "initiator": initiator, "params": json.dumps(params, sort_keys=True),
                "data": "{}", "created_at": now, "updated_at": now, "next_run_at": now}
         _guard(row)
-        with self.transaction() as db:
-            try:
-                rotation_id = db.table("rotations").insert(row).last_pk
-            except sqlite3.IntegrityError:
-                active = self.find_active(kind, target, env)
-                raise RotationConflict(
-                    f"{target} in {env} already has an active rotation"
-                    f"{f' (#{active.id}, started by {active.initiator})' if active else ''}"
-                ) from None
-            assert isinstance(rotation_id, int)
-            db.table("steps").insert_all(
-                {"rotation_id": rotation_id, "position": i, "name": name, "title": title,
-                 "destructive": int(destructive)}
-                for i, (name, title, destructive) in enumerate(steps))
-            self.audit(rotation_id, "started", initiator, to_status=ACTIVE,
-                       detail=f"{kind} rotation of {target} in {env}")
+        try:
+            with self.transaction() as db:
+                rotation_id = self._insert(db, "rotations", row)
+                assert rotation_id is not None
+                for i, (name, title, destructive) in enumerate(steps):
+                    self._insert(db, "steps", {
+                        "rotation_id": rotation_id, "position": i, "name": name,
+                        "title": title, "destructive": int(destructive)}, returning=False)
+                self.audit(rotation_id, "started", initiator, to_status=ACTIVE,
+                           detail=f"{kind} rotation of {target} in {env}")
+        except self.integrity_errors:
+            active = self.find_active(kind, target, env)
+            raise RotationConflict(
+                f"{target} in {env} already has an active rotation"
+                f"{f' (#{active.id}, started by {active.initiator})' if active else ''}"
+            ) from None
         return rotation_id
 
     def update_rotation(self, rotation_id: int, **values: Any) -> None:
@@ -447,7 +394,13 @@ class Store:
             values["data"] = json.dumps(values["data"], sort_keys=True)
             _guard({"data": values["data"]})
         values["updated_at"] = self.clock()
-        self.db.table("rotations").update(rotation_id, values)
+        unknown = set(values) - set(_ROTATION_FIELDS)
+        if unknown:
+            raise ValueError(f"rotations has no column {sorted(unknown)}")
+        sets = ", ".join(quote_identifier(k) + " = ?" for k in values)
+        with self._session() as db:
+            db.execute("UPDATE rotations SET " + sets + " WHERE id = ?",  # noqa: S608
+                       [*values.values(), rotation_id])
 
     def update_step(self, rotation_id: int, position: int, *, expect: dict[str, Any] | None = None,
                     **values: Any) -> bool:
@@ -456,18 +409,29 @@ class Store:
         unknown = (set(values) | set(expect or {})) - set(_STEP_FIELDS)
         if unknown:
             raise ValueError(f"steps has no column {sorted(unknown)}")
-        # Column names are checked against StepRow above and quoted by sqlite-utils.
-        sets = ", ".join(f"{quote_identifier(k)} = ?" for k in values)
+        # Column names are checked against StepRow above and quoted.
+        sets = ", ".join(quote_identifier(k) + " = ?" for k in values)
         where = "rotation_id = ? AND position = ?"
         args: list[Any] = [*values.values(), rotation_id, position]
         for key, value in (expect or {}).items():
             if value is None:
-                where += f" AND {quote_identifier(key)} IS NULL"
+                where += " AND " + quote_identifier(key) + " IS NULL"
             else:
-                where += f" AND {quote_identifier(key)} = ?"
+                where += " AND " + quote_identifier(key) + " = ?"
                 args.append(value)
-        cursor = self.db.execute(f"UPDATE steps SET {sets} WHERE {where}", args)  # noqa: S608
-        return cursor.rowcount == 1
+        with self._session() as db:
+            cursor = db.execute("UPDATE steps SET " + sets + " WHERE " + where,  # noqa: S608
+                                args)
+            return cursor.rowcount == 1
+
+    def _take(self, db: Db, rotation_id: int, holder: str | None, held_until: float | None,
+              token: int, owner: str, until: float, is_stale: Callable[[str], bool]
+              ) -> int | None:
+        if holder and (held_until or 0) > self.clock() and not is_stale(holder):
+            return None
+        db.execute("UPDATE rotations SET lease_owner = ?, lease_until = ?, lease_token = ? "
+                   "WHERE id = ?", [owner, until, token + 1, rotation_id])
+        return int(token + 1)
 
     def claim(self, rotation_id: int, owner: str, until: float, *,
               is_stale: Callable[[str], bool] = holder_is_dead) -> int | None:
@@ -478,16 +442,36 @@ class Store:
         a rotation (a cancel clicked while the worker runs leaves it to the worker).
         """
         with self.transaction(fenced=False) as db:
-            row = db.execute("SELECT lease_owner, lease_until, lease_token FROM rotations "
-                             "WHERE id = ?", [rotation_id]).fetchone()
+            row = db.execute("SELECT lease_owner, lease_until, lease_token "
+                             "FROM rotations WHERE id = ?" + self.for_update,
+                             [rotation_id]).fetchone()
             if row is None:
                 return None
-            holder, held_until, token = row
-            if holder and held_until > self.clock() and not is_stale(holder):
-                return None
-            db.execute("UPDATE rotations SET lease_owner = ?, lease_until = ?, "
-                       "lease_token = ? WHERE id = ?", [owner, until, token + 1, rotation_id])
-            return int(token + 1)
+            return self._take(db, rotation_id, row[0], row[1], row[2], owner, until, is_stale)
+
+    def claim_due(self, now: float, owner: str, until: float, *, skip: Iterable[int] = (),
+                  is_stale: Callable[[str], bool] = holder_is_dead) -> tuple[int, int] | None:
+        """Claim one due rotation whose lease is free: (rotation id, token), or None.
+
+        One transaction finds and claims it: PostgreSQL locks the candidates FOR UPDATE SKIP
+        LOCKED, so replicas claiming at once take different rotations and never wait on
+        each other; SQLite's BEGIN IMMEDIATE makes the whole claim one atomic step.
+        `skip`: rotations this worker already ran in this round."""
+        passed = set(skip)
+        with self.transaction(fenced=False) as db:
+            rows = db.execute(
+                "SELECT id, lease_owner, lease_until, lease_token FROM rotations "  # noqa: S608
+                "WHERE status = 'active' AND next_run_at IS NOT NULL AND next_run_at <= ? "
+                "ORDER BY next_run_at, id LIMIT ?" + self.for_update + self.skip_locked,
+                [now, len(passed) + 16]).fetchall()
+            for rotation_id, holder, held_until, token in rows:
+                if rotation_id in passed:
+                    continue
+                taken = self._take(db, rotation_id, holder, held_until, token, owner, until,
+                                   is_stale)
+                if taken is not None:
+                    return int(rotation_id), taken
+        return None
 
     def renew(self, rotation_id: int, owner: str, token: int, until: float) -> bool:
         """Extend a lease, compare-and-set: only while `owner` still holds `token`."""
@@ -498,9 +482,9 @@ class Store:
 
     def lease_holder(self, rotation_id: int) -> str:
         """Who holds the rotation's lease now, and with which token (for log lines)."""
-        with self._lock:
-            row = self.db.execute("SELECT lease_owner, lease_token FROM rotations WHERE id = ?",
-                                  [rotation_id]).fetchone()
+        with self._session() as db:
+            row = db.execute("SELECT lease_owner, lease_token FROM rotations WHERE id = ?",
+                             [rotation_id]).fetchone()
         return f"{row[0] or 'nobody'} (token {row[1]})" if row else "nobody"
 
     def release(self, rotation_id: int, owner: str, token: int | None = None) -> None:
@@ -515,11 +499,16 @@ class Store:
         """A named lock across processes (scheduler slots, singleton jobs); a dead holder's
         lock is taken at once rather than after its lease."""
         with self.transaction() as db:
-            row = db.execute("SELECT owner, until FROM locks WHERE name = ?", [name]).fetchone()
-            if row and row[0] != owner and row[1] > self.clock() and not is_stale(row[0]):
+            row = db.execute("SELECT owner, until FROM locks WHERE name = ?"  # noqa: S608
+                             + self.for_update, [name]).fetchone()
+            if row is None:  # two first takers: the unique name lets one insert win
+                return db.execute("INSERT INTO locks (name, owner, until) VALUES (?, ?, ?) "
+                                  "ON CONFLICT (name) DO NOTHING",
+                                  [name, owner, until]).rowcount == 1
+            if row[0] != owner and row[1] > self.clock() and not is_stale(row[0]):
                 return False
-            db.execute("INSERT OR REPLACE INTO locks (name, owner, until) VALUES (?, ?, ?)",
-                       [name, owner, until])
+            db.execute("UPDATE locks SET owner = ?, until = ? WHERE name = ?",
+                       [owner, until, name])
             return True
 
     def prune_locks(self, prefix: str, expired_before: float) -> int:
@@ -537,20 +526,21 @@ class Store:
         Call inside a transaction. Requests live apart from `rotations.data`, so a step
         that writes back its copy of `data` cannot lose one."""
         _guard({"name": name, "actor": actor})
-        row = self.db.execute("SELECT actor FROM requests WHERE rotation_id = ? AND name = ? "
-                              "AND consumed_at IS NULL", [rotation_id, name]).fetchone()
-        if row:
-            return str(row[0])
-        self.db.table("requests").insert({"rotation_id": rotation_id, "name": name,
+        with self._session() as db:
+            row = db.execute("SELECT actor FROM requests WHERE rotation_id = ? AND name = ? "
+                             "AND consumed_at IS NULL", [rotation_id, name]).fetchone()
+            if row:
+                return str(row[0])
+            self._insert(db, "requests", {"rotation_id": rotation_id, "name": name,
                                           "actor": actor, "at": self.clock()})
         return None
 
     def open_requests(self, rotation_id: int) -> dict[str, tuple[int, str, float]]:
         """Open requests of a rotation: name -> (request id, who asked, when)."""
-        with self._lock:
-            rows = self.db.execute("SELECT id, name, actor, at FROM requests "
-                                   "WHERE rotation_id = ? AND consumed_at IS NULL ORDER BY id",
-                                   [rotation_id]).fetchall()
+        with self._session() as db:
+            rows = db.execute("SELECT id, name, actor, at FROM requests "
+                              "WHERE rotation_id = ? AND consumed_at IS NULL ORDER BY id",
+                              [rotation_id]).fetchall()
         return {name: (int(i), actor, at) for i, name, actor, at in rows}
 
     def consume_request(self, rotation_id: int, name: str) -> None:
@@ -559,25 +549,27 @@ class Store:
                        "AND consumed_at IS NULL", [self.clock(), rotation_id, name])
 
     def get_kv(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        with self._session() as db:
+            row = db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str) -> None:
         _guard({key: value})
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", [key, value])
+            db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value])
 
     # -- reads ----------------------------------------------------------------------------
 
     def rotation(self, rotation_id: int) -> RotationRow:
-        with self._lock:
-            row = self.db.execute(
-                f"SELECT {', '.join(_ROTATION_FIELDS)} FROM rotations WHERE id = ?",  # noqa: S608
+        with self._session() as db:
+            row = db.execute(
+                "SELECT " + _names(_ROTATION_FIELDS) + " FROM rotations WHERE id = ?",  # noqa: S608
                 [rotation_id]).fetchone()
             if row is None:
                 raise UnknownName(f"no rotation #{rotation_id}")
-            steps = self.db.execute(
-                f"SELECT {', '.join(_STEP_FIELDS)} FROM steps "  # noqa: S608
+            steps = db.execute(
+                "SELECT " + _names(_STEP_FIELDS) + " FROM steps "  # noqa: S608
                 "WHERE rotation_id = ? ORDER BY position", [rotation_id]).fetchall()
         values = dict(zip(_ROTATION_FIELDS, row, strict=True))
         values["params"] = json.loads(values["params"])
@@ -586,8 +578,8 @@ class Store:
             StepRow(**dict(zip(_STEP_FIELDS, s, strict=True))) for s in steps))
 
     def _ids(self, query: str, args: list[Any]) -> list[int]:
-        with self._lock:
-            return [r[0] for r in self.db.execute(query, args).fetchall()]
+        with self._session() as db:
+            return [int(r[0]) for r in db.execute(query, args).fetchall()]
 
     def find_active(self, kind: str, target: str, env: str) -> RotationRow | None:
         ids = self._ids("SELECT id FROM rotations WHERE kind = ? AND target = ? AND env = ? "
@@ -612,10 +604,14 @@ class Store:
                          "IS NOT NULL AND next_run_at <= ? ORDER BY next_run_at", [now])
 
     def next_due_at(self) -> float | None:
-        with self._lock:
-            row = self.db.execute("SELECT MIN(next_run_at) FROM rotations "
-                                  "WHERE status = 'active'").fetchone()
+        with self._session() as db:
+            row = db.execute("SELECT MIN(next_run_at) FROM rotations "
+                             "WHERE status = 'active'").fetchone()
         return row[0] if row else None
+
+    def last_audit_id(self) -> int:
+        with self._session() as db:
+            return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
 
     def audit_rows(self, rotation_id: int | None = None, after: int = 0,
                    limit: int = 1000) -> list[AuditRow]:
@@ -625,6 +621,56 @@ class Store:
         if rotation_id is not None:
             query += " AND rotation_id = ?"
             args.append(rotation_id)
-        with self._lock:
-            rows = self.db.execute(query + " ORDER BY id LIMIT ?", [*args, limit]).fetchall()
+        with self._session() as db:
+            rows = db.execute(query + " ORDER BY id LIMIT ?", [*args, limit]).fetchall()
         return [AuditRow(*r) for r in rows]
+
+    # -- moving state (`rotor state copy`) ----------------------------------------------
+
+    TABLES = ("rotations", "steps", "audit", "requests", "locks", "kv")
+
+    def is_empty(self) -> bool:
+        with self._session() as db:
+            return all(db.execute("SELECT COUNT(*) FROM " + quote_identifier(t)  # noqa: S608
+                                  ).fetchone()[0] == 0 for t in self.TABLES)
+
+    def table_rows(self, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Every row of one of TABLES, in key order: (column names, rows)."""
+        if table not in self.TABLES:
+            raise ValueError(f"no table {table!r}")
+        with self._session() as db:
+            columns = self._columns(db, table)
+            rows = db.execute("SELECT " + _names(columns) + " FROM "  # noqa: S608
+                              + quote_identifier(table) + " ORDER BY 1, 2").fetchall()
+        return columns, [tuple(r) for r in rows]
+
+    def _columns(self, db: Db, table: str) -> list[str]:
+        raise NotImplementedError
+
+    def _restart_ids(self, db: Db) -> None:
+        """After rows were copied in with their ids, new rows get ids above them."""
+
+    def copy_from(self, source: Store) -> dict[str, int]:
+        """Copy every row of `source` into this empty store, ids and audit included."""
+        counts: dict[str, int] = {}
+        with self.transaction(fenced=False) as db:
+            if not self.is_empty():
+                raise RotorError(f"{self.describe()} is not empty; copy only into a new store")
+            for table in self.TABLES:
+                columns, rows = source.table_rows(table)
+                mine = set(self._columns(db, table))
+                keep = [c for c in columns if c in mine]
+                for row in rows:
+                    values = dict(zip(columns, row, strict=True))
+                    self._insert(db, table, {c: values[c] for c in keep}, returning=False)
+                counts[table] = len(rows)
+            self._restart_ids(db)
+        return counts
+
+    def describe(self) -> str:
+        """Where the store is, without a password."""
+        return self.path
+
+
+from rotation.store_sqlite import MIGRATIONS as MIGRATIONS  # noqa: E402
+from rotation.store_sqlite import SQLiteStore as SQLiteStore  # noqa: E402

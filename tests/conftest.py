@@ -87,6 +87,20 @@ def deployments(world: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return EcsDeployments(world.clock).install(monkeypatch)
 
 
+@pytest.fixture
+def postgres_state() -> Iterator[str]:
+    """The URL of a uniquely named PostgreSQL database for a state store, dropped after."""
+    yield from _sandbox(servers.postgres_state_db, servers.drop_postgres_state_db)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Each state backend in turn: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    return str(request.getfixturevalue("postgres_state"))
+
+
 # -- every Kubernetes call the suite makes, checked against `rotor rbac` (tests/kube_calls.py) --
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

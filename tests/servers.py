@@ -181,3 +181,33 @@ def drop_postgres_sandbox(box: PostgresSandbox) -> None:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     conn.close()
+
+
+def _postgres_admin() -> psycopg.Connection:
+    parts = urlsplit(POSTGRES_URL)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    try:
+        return psycopg.connect(host=host, port=port, user=parts.username or "postgres",
+                               dbname="postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise ServerUnavailable(
+            f"PostgreSQL at {host}:{port} is unreachable ({exc}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+        ) from exc
+
+
+def postgres_state_db() -> str:
+    """A new, uniquely named empty database for a Rotor state store; its URL."""
+    name = unique_prefix() + "_state"
+    with _postgres_admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    parts = urlsplit(POSTGRES_URL)
+    return parts._replace(path="/" + name).geturl()
+
+
+def drop_postgres_state_db(url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with _postgres_admin() as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                     (name,))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))

@@ -9,6 +9,7 @@ approval summaries, errors, log lines), so tests can prove it never reaches Slac
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ def sync(ctx: Context) -> Outcome:
 
 def login(ctx: Context) -> Outcome:
     """Runbook: "Check application variables"."""
+    # `hang-login`: the step stays in the middle (its worker holding the lease) while the file
+    # exists, having said in `in-login` which process runs it: a replica to kill mid-step.
+    if _control("hang-login").exists():
+        _control("in-login").write_text(str(os.getpid()))
+        while _control("hang-login").exists():
+            time.sleep(0.05)  # a test kind; product code persists its waits
     if _control("fail").exists():
         raise StepFailed(f"login as {ctx.target}_2 failed with password {_password()}")
     return Done("logged in")

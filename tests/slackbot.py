@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import psycopg
+
 from tests.fakes.slack_api import TEAM, FakeSlack, Message
 from tests.waiting import wait_for
 
@@ -96,6 +98,7 @@ class BotProcess:
     expire_hours: float = 24
     log_level: str = "INFO"
     port: int = field(default_factory=free_port)
+    state_url: str | None = None  # a postgresql:// state store instead of workdir/rotor.db
     process: subprocess.Popen[bytes] | None = None
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -122,7 +125,7 @@ class BotProcess:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "ROTOR_"))}
         env.update({
-            "ROTOR_CONFIG": str(self.workdir / "rotor.yml"), "ROTOR_STATE": str(self.state),
+            "ROTOR_CONFIG": str(self.workdir / "rotor.yml"), "ROTOR_STATE": self.state_url or str(self.state),
             "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET,
             "SLACK_API_URL": self.slack.url, "PORT": str(self.port),
             "ROTOR_EXTRA_KINDS": "tests.slack_kinds:KINDS",
@@ -247,6 +250,10 @@ class BotProcess:
     # -- the state DB, read-only ---------------------------------------------------------------
 
     def rows(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        if self.state_url:
+            with psycopg.connect(self.state_url, autocommit=True, connect_timeout=5) as pg:
+                return [tuple(r) for r in pg.execute(query.replace("?", "%s"),  # type: ignore[call-overload]
+                                                     args).fetchall()]
         conn = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
         try:
             return conn.execute(query, args).fetchall()

@@ -144,5 +144,8 @@ def test_every_dependency_is_pinned_and_the_image_and_ci_use_the_pins() -> None:
     for requirement in wanted:
         name = _norm(re.split(r"[\[<>=~ ]", requirement)[0])
         assert name in pins, f"{name} is not pinned in constraints.txt"
+        extras = re.search(r"\[([^\]]*)\]", requirement)
+        for extra in extras.group(1).split(",") if extras and name == "psycopg" else []:
+            assert f"psycopg-{extra}" in pins, f"psycopg[{extra}] is not pinned"
     assert "-c constraints.txt" in (REPO / "Dockerfile").read_text()
     assert "-c constraints.txt" in (REPO / "Makefile").read_text()

@@ -100,8 +100,6 @@ def test_the_referee_finds_a_secret_in_the_state_db_the_logs_or_slack(tmp_path):
     assert referee.violations == ["secret: a secret value is in the state DB"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9: Retry must clear a destructive approval; "
-                                       "on this branch the retried step re-uses it")
 def test_a_retried_destructive_step_asks_again(tmp_path):
     from rotation import fence
     from rotation.engine import Done

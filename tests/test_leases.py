@@ -105,7 +105,7 @@ def test_a_stale_token_writes_nothing(tmp_path, clock):
     clock.advance(61)
     assert store.claim(rotation.id, "w2", clock() + 60) == token + 1
     before = store.rotation(rotation.id)
-    with lease.held(None), pytest.raises(LeaseLost), store.transaction():
+    with lease.held(), pytest.raises(LeaseLost), store.transaction():
         store.update_step(rotation.id, 0, status="done", result="promoted")
         store.audit(rotation.id, "step", "rotor", step="a", to_status="done")
     after = store.rotation(rotation.id)
@@ -246,7 +246,7 @@ def test_a_lost_lease_stops_sql_before_it_reaches_the_server(mysql_box, postgres
         host=postgres_box.host, port=postgres_box.port, user=postgres_box.admin_user,
         password=postgres_box.admin_password, database=postgres_box.database, tls="disabled"))
     try:
-        with lease.held(None):
+        with lease.held():
             my.cursor().execute("SELECT 1")  # reads need no lease check
             store.claim(rotation.id, "w2", clock() + 1000, is_stale=lambda h: True)
             assert pg.execute("SELECT 1").fetchone() == (1,)
