@@ -3,13 +3,19 @@ it did (`audit`). `register` adds them to `bot.cli.main`."""
 
 from __future__ import annotations
 
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 
 def register(main: click.Group) -> None:
-    for command in (rbac, iam_policy):
+    for command in (rbac, iam_policy, audit):
         main.add_command(command)
 
 
@@ -45,3 +51,81 @@ def iam_policy(obj: Any, env: str) -> None:
     click.echo(policy.render(catalogue, env))
     if catalogue.iam_users and not catalogue.environment(env).where_used_prefix:
         click.echo(f"rotor: note: {policy.SCAN_NOTE}", err=True)
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD or an ISO time)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _all_rows(store: Any, rotation_id: int | None = None) -> Iterator[Any]:
+    after = 0
+    while rows := store.audit_rows(rotation_id, after=after, limit=1000):
+        yield from rows
+        after = rows[-1].id
+
+
+EXPORT_FIELDS = ["id", "time", "rotation_id", "kind", "target", "env", "step", "event",
+                 "from_status", "to_status", "actor", "detail", "hash"]
+
+
+@click.command()
+@click.argument("rotation_id", type=int, required=False)
+@click.option("--since", metavar="DATE", callback=_since,
+              help="Only rows from this date or time on (UTC unless it says otherwise).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              show_default=True)
+@click.option("--verify", is_flag=True,
+              help="Check the hash chain instead; report the first altered or removed row.")
+@click.pass_obj
+def audit(obj: Any, rotation_id: int | None, since: float | None, fmt: str,
+          verify: bool) -> None:
+    """Export the audit trail, with who did what (one rotation, or all), or verify it."""
+    from rotation import audit_chain
+    from rotation.errors import RotorError
+    from rotation.store import Store
+
+    store = Store(obj.settings.state_path, clock=time.time)
+    try:
+        if verify:
+            verdict = audit_chain.verify(_all_rows(store))
+            if verdict.problem:
+                raise RotorError(f"{verdict.problem} (chain intact up to #{verdict.head_id}, "
+                                 f"{verdict.checked} rows)")
+            click.echo(f"audit chain intact: {verdict.checked} rows, head "
+                       f"#{verdict.head_id} {audit_chain.short(verdict.head)}")
+            return
+        if rotation_id is not None:
+            store.rotation(rotation_id)  # an unknown ID is a one-line error
+        rotations: dict[int, Any] = {}
+        writer = csv.DictWriter(sys.stdout, EXPORT_FIELDS) if fmt == "csv" else None
+        if writer is not None:
+            writer.writeheader()
+        for row in _all_rows(store, rotation_id):
+            if since is not None and row.at < since:
+                continue
+            rotation = None
+            if row.rotation_id is not None:
+                if row.rotation_id not in rotations:
+                    rotations[row.rotation_id] = store.rotation(row.rotation_id)
+                rotation = rotations[row.rotation_id]
+            record = {
+                "id": row.id, "time": datetime.fromtimestamp(row.at, UTC).isoformat(),
+                "rotation_id": row.rotation_id,
+                "kind": rotation.kind if rotation else None,
+                "target": rotation.target if rotation else None,
+                "env": rotation.env if rotation else None,
+                "step": row.step, "event": row.event, "from_status": row.from_status,
+                "to_status": row.to_status, "actor": row.actor, "detail": row.detail,
+                "hash": row.hash}
+            if writer is not None:
+                writer.writerow(record)
+            else:
+                click.echo(json.dumps(record, ensure_ascii=False))
+    finally:
+        store.close()

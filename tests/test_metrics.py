@@ -73,6 +73,10 @@ def test_metrics_move_with_a_rotation(tmp_path) -> None:
         assert value(done, "rotor_approvals_waiting") == 0
         assert value(done, "rotor_step_duration_seconds_count", kind="mysql",
                      step="drop-old-user") == 1
+        # The final message carries the audit chain's head at that moment (tests/test_audit.py).
+        [(row_id, digest)] = bot.rows("SELECT id, hash FROM audit WHERE rotation_id = ? AND "
+                                      "event = 'finished'", rotation_id)
+        bot.thread_text(rotation_id, f"Audit chain head: #{row_id} `{digest[:16]}`")
 
         # Slack delivered everything, the scheduler ran, and the key-age count is read back.
         delivered = bot.wait_for(lambda: scrape(bot), lambda m: value(
