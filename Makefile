@@ -4,15 +4,23 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-$(BIN)/rotor: pyproject.toml
+# constraints.txt pins every dependency; the Dockerfile installs with the same file.
+$(BIN)/rotor: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: demo run test test-under-load lint format bench soak
+.PHONY: demo run test test-under-load lint format bench soak constraints
 demo: $(BIN)/rotor
 	$(BIN)/rotor demo
+
+# Re-pin after changing pyproject.toml's dependencies: a fresh venv, then pip freeze.
+constraints:
+	rm -rf .venv-pin && $(PYTHON) -m venv .venv-pin
+	.venv-pin/bin/pip install --quiet -e '.[dev]'
+	{ head -2 constraints.txt; .venv-pin/bin/pip freeze --exclude-editable | grep -v '^rotor=='; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-pin
 
 run: $(BIN)/rotor
 	$(BIN)/rotor serve

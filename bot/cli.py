@@ -59,7 +59,7 @@ class _Obj:
             self._settings = Settings.load(config_path=self.config)
             if self.state:
                 self._settings = dataclasses.replace(self._settings, state_path=self.state)
-            setup_logging(self._settings.log_level)
+            setup_logging(self._settings.log_level, fmt=self._settings.log_format)
         return self._settings
 
     @property
@@ -548,10 +548,6 @@ def _may_see_keys(obj: _Obj, env: str, *, only: bool) -> bool:
     return True
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.group()
 def state() -> None:
     """The state DB."""
@@ -576,3 +572,11 @@ def state_copy(obj: _Obj, to: str) -> None:
         source.close()
     click.echo(f"copied {source.describe()} to {target.describe()}: "
                + ", ".join(f"{n} {table}" for table, n in counts.items()))
+
+
+from bot import cli_ops  # noqa: E402
+
+cli_ops.register(main)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

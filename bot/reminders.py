@@ -154,6 +154,8 @@ class KeyAgeCheck(SlotJob):
     def work(self, state: dict[str, Any], save: Callable[[], None]) -> None:
         try:
             report = iam.key_age_report(self.engine.clients, self.catalogue, self.env, self.clock())
+            # For /metrics (bot/metrics.py), in the store so every replica reports it.
+            self.store.set_kv(f"metrics:keys-past-max-age:{self.env}", str(len(report.overdue)))
         except RotorError as exc:  # AccessDenied and the like: say so, once this slot
             log.warning("%s: %s", self.name, exc)
             text, blocks = reminder_messages.key_age_failed(self.env, exc)

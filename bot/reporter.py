@@ -299,7 +299,7 @@ class Reporter:
             self._post(state, rotation, row, *messages.cancelled(rotation, row))
         elif event == "finished":
             self._post(state, rotation, row, *messages.finished(rotation, self._next_envs(
-                rotation)))
+                rotation), row))
         # Other events need no message of their own: a step starting shows in the root's
         # checklist, and "cancel-failed" is followed by the step's failure.
 

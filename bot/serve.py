@@ -22,10 +22,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from apscheduler.schedulers.background import BackgroundScheduler
 
 import handlers
 from bot import slack
+from bot.metrics import RotorMetrics
 from bot.notify import SlackSecondLine
 from bot.reporter import Reporter
 from bot.settings import Settings
@@ -234,8 +236,10 @@ def _signed(secret: str | None, body: bytes, environ: Mapping[str, Any],
 
 def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
             answering: AcksFirst, signing_secret: str | None = None,
-            warnings: Callable[[], list[str]] = list) -> WSGIApp:
-    """Routes /healthz, /readyz and (in HTTP mode) Slack's requests, counted in `answering`.
+            warnings: Callable[[], list[str]] = list,
+            metrics: WSGIApp | None = None) -> WSGIApp:
+    """Routes /healthz, /readyz, /metrics and (in HTTP mode) Slack's requests, counted in
+    `answering`.
 
     Slack's requests pass three gates before Bolt sees them: the body cap (413), the
     signature, checked on the raw bytes before anything parses them (401), and the shape of
@@ -243,6 +247,8 @@ def web_app(slack_events: WSGIApp | None, ready: Callable[[], list[str]],
     """
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
+        if path == "/metrics" and metrics is not None:
+            return metrics(environ, start_response)
         if path == "/healthz":
             return _answer(start_response, "200 OK", "ok")
         if path == "/readyz":
@@ -300,6 +306,7 @@ class Service:
         if second_line is not None:
             second_line.store = self.engine.store
         self.second_line = second_line
+        self.metrics = RotorMetrics(self.engine, slack=client is not None, clock=clock)
         self.worker = EngineWorker(self.engine)
         self.answering = AcksFirst()
         self.jobs = Jobs(handlers.report_error, acks=self.answering)
@@ -325,7 +332,8 @@ class Service:
         self.engine.on_change = self._changed
         self.http = http_server(host, settings.port,
                                 web_app(slack_events, self.problems, self.answering,
-                                        settings.slack_signing_secret, self.warnings),
+                                        settings.slack_signing_secret, self.warnings,
+                                        self.metrics.wsgi()),
                                 timeout=settings.http_timeout, answering=self.answering)
 
     # -- wiring -----------------------------------------------------------------------------
@@ -358,6 +366,8 @@ class Service:
         expire = slack_config.approval_expiry_hours * 3600
         every = min(60.0, max(0.2, min(remind, expire) / 4))
         reminded = self.reporter.wake if self.reporter else (lambda rotation_id: None)
+        self.scheduler.add_listener(self.metrics.scheduler_ran,
+                                    EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.add_job(remind_and_expire, "interval", seconds=every, id="approvals",
                                args=(self.engine, remind, expire, reminded))
         if self.reporter is not None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rotation.errors import ConfigError
+
 if TYPE_CHECKING:
     from rotation.catalogue import Catalogue
 
@@ -30,6 +32,7 @@ class Settings:
     host: str = "0.0.0.0"  # ROTOR_BIND: the address `rotor serve` listens on
     http_timeout: float = 10.0  # ROTOR_HTTP_TIMEOUT: idle or half-sent connections close
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object a line
     # "module:attribute" naming a dict of extra rotation kinds (tests and plug-ins).
     extra_kinds: str | None = None
 
@@ -52,6 +55,20 @@ class Settings:
             port=int(env.get("PORT") or 3000),
             host=env.get("ROTOR_BIND") or "0.0.0.0",
             http_timeout=float(env.get("ROTOR_HTTP_TIMEOUT") or 10),
-            log_level=env.get("ROTOR_LOG_LEVEL") or "INFO",
+            log_level=_log_level(env.get("ROTOR_LOG_LEVEL") or "INFO"),
+            log_format=_log_format(env.get("ROTOR_LOG_FORMAT") or "text"),
             extra_kinds=env.get("ROTOR_EXTRA_KINDS") or None,
         )
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"ROTOR_LOG_LEVEL: {value!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise ConfigError(f"ROTOR_LOG_FORMAT: {value!r} is not text or json")
+    return value

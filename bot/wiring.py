@@ -30,10 +30,24 @@ def kinds(extra: str | None = None) -> dict[str, Kind]:
     return found
 
 
-def setup_logging(level: str = "INFO", stream: Any = None) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def log_formatter(fmt: str = "text") -> logging.Formatter:
+    """Plain lines, or (`json`) one JSON object a line; a step's lines carry `rotation_id`
+    and `step` as fields."""
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        return JsonFormatter(LOG_FORMAT, rename_fields={"asctime": "time", "levelname": "level",
+                                                        "name": "logger"})
+    return logging.Formatter(LOG_FORMAT)
+
+
+def setup_logging(level: str = "INFO", stream: Any = None, fmt: str = "text") -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(log_formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -45,6 +59,9 @@ def setup_logging(level: str = "INFO", stream: Any = None) -> None:
     logging.getLogger("slack_bolt").setLevel(max(logging.ERROR, root.level))
     # waitress warns of every request that waits for a thread: a burst of commands is normal.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # APScheduler logs every run of every job at INFO: only its warnings, unless debugging.
+    logging.getLogger("apscheduler").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
 
 
 def build_engine(settings: Settings, *, clients: Any = None,

@@ -63,6 +63,44 @@ class Recorded:
     body: Any
 
 
+CALL_LOG_ENV = "ROTOR_TEST_KUBE_LOG"
+_API_PATH = re.compile(
+    r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/[^/]+)/namespaces/(?P<namespace>[^/]+)"
+    r"/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?"
+)
+_VERBS = {"PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}
+_log_lock = threading.Lock()
+
+
+def rbac_call(method: str, target: str) -> dict[str, Any] | None:
+    """The request as RBAC sees it: verb, API group, resource (with subresource), namespace
+    and name; None for a path outside a namespace."""
+    parts = urlsplit(target)
+    m = _API_PATH.fullmatch(parts.path)
+    if m is None:
+        return None
+    name = unquote(m.group("name")) if m.group("name") else None
+    if method == "GET":
+        verb = "get" if name else ("watch" if "watch" in parse_qs(parts.query) else "list")
+    else:
+        verb = _VERBS.get(method, method.lower())
+    resource = m.group("resource") + (f"/{m.group('sub')}" if m.group("sub") else "")
+    return {"verb": verb, "group": m.group("group") or "", "resource": resource,
+            "namespace": unquote(m.group("namespace")), "name": name}
+
+
+def log_call(method: str, target: str, catalogue: str | None) -> None:
+    """Append the call to the file named by $ROTOR_TEST_KUBE_LOG (one JSON object a line), so
+    the RBAC check sees every call the whole test suite made."""
+    path = os.environ.get(CALL_LOG_ENV)
+    if not path:
+        return
+    call = rbac_call(method, target) or {"verb": method.lower(), "path": target}
+    line = json.dumps({**call, "catalogue": catalogue}) + "\n"
+    with _log_lock, open(path, "a") as f:
+        f.write(line)
+
+
 def rfc3339(t: float) -> str:
     """Whole seconds, UTC, like every timestamp the real API server writes."""
     return datetime.fromtimestamp(int(t), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -219,6 +257,8 @@ class FakeKube:
         self._pods: dict[Key, dict[str, Any]] = {}
         self._pod_gone_at: dict[Key, float] = {}
         self._requests: list[Recorded] = []
+        # The catalogue whose Rotor talks to this server, named in the call log (the RBAC test).
+        self.catalogue_path: str | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         # Called (under the lock) as each pod is created: (namespace, deployment, pod name).
@@ -461,6 +501,7 @@ class FakeKube:
                 body = raw.decode(errors="replace")
         with self._lock:
             self._requests.append(Recorded(method, target, media_type, body))
+            log_call(method, target, self.catalogue_path)
             scheme, _, token = (auth or "").partition(" ")
             if scheme.lower() != "bearer" or token != self.token:
                 code, reply = 401, status_body(401, "Unauthorized", "Unauthorized")

@@ -547,12 +547,20 @@ def offers_closed(rotation: RotationRow, step_name: str, names: Sequence[str],
 def cancelled(rotation: RotationRow, row: AuditRow) -> Message:
     text = (f":no_entry_sign: Cancelled by {user(row.actor)}: "
             f"{escape(row.detail or '') or 'nothing to undo'}")
-    return text, [_section(text)]
+    return text + chain_head(row), [_section(text + chain_head(row))]
+def chain_head(row: AuditRow | None) -> str:
+    """The audit chain's head when a rotation ends, kept in Slack, outside the database:
+    `rotor audit --verify` and this line together show a chain rewritten after the fact."""
+    if row is None or not row.hash:
+        return ""
+    return f"\nAudit chain head: #{row.id} `{row.hash[:16]}`"
 
 
 @redacted
-def finished(rotation: RotationRow, next_envs: Iterable[str]) -> Message:
-    text = f":tada: Rotation #{rotation.id} of {rotation.target} in {rotation.env} is done."
+def finished(rotation: RotationRow, next_envs: Iterable[str],
+             row: AuditRow | None = None) -> Message:
+    text = (f":tada: Rotation #{rotation.id} of {rotation.target} in {rotation.env} is done."
+            + chain_head(row))
     blocks: list[dict[str, Any]] = [_section(text)]
     buttons = [_button(f"Rotate {env} next", ROTATE_NEXT,
                        value(rotation.id, None, env=env), style="primary")

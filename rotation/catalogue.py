@@ -124,6 +124,11 @@ class Environment(_Model):
     """Local time the overnight restore runs (`"03:00"`)."""
     timezone: str = "Europe/London"
     """IANA timezone of `restore_time`."""
+    kms_keys: tuple[str, ...] = ()
+    """Customer-managed KMS keys (ARNs) encrypting the secrets Rotor reads and writes."""
+    where_used_prefix: str | None = None
+    """The where-used scan of an IAM key reads every secret's value: set this to read only
+    secrets whose name starts with it (and `rotor iam-policy` grants only those)."""
 
     @field_validator("timezone")
     @classmethod

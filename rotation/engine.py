@@ -275,6 +275,9 @@ class Context:
 class _StepLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         extra = self.extra or {}
+        # As fields too, for ROTOR_LOG_FORMAT=json.
+        kwargs["extra"] = {"rotation_id": extra.get("rotation"), "step": extra.get("step"),
+                           **kwargs.get("extra", {})}
         return f"{extra.get('step')}: #{extra.get('rotation')} {msg}", kwargs
 
 

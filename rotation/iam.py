@@ -172,11 +172,13 @@ class Scan:
     unreadable: tuple[str, ...]
 
 
-def scan_secrets(sm: Any, key_id: str) -> Scan:
-    """Every secret's AWSCURRENT, searched for `key_id`. Values are dropped at once."""
+def scan_secrets(sm: Any, key_id: str, prefix: str | None = None) -> Scan:
+    """Every secret's AWSCURRENT (or every one whose name starts with `prefix`), searched for
+    `key_id`. Values are dropped at once."""
     holding, unreadable, scanned = [], [], 0
+    filters = [{"Key": "name", "Values": [prefix]}] if prefix else []
     try:
-        pages = sm.get_paginator("list_secrets").paginate()
+        pages = sm.get_paginator("list_secrets").paginate(Filters=filters)
         for page in pages:
             for entry in page.get("SecretList", []):
                 scanned += 1
@@ -236,7 +238,9 @@ def _key_facts(ctx: Context, key_id: str, action: str) -> Facts:
             holding.append(field.id)
         elif new and key_id != new and held != new:
             lacking.append(f"{field.id} (holds {held})")
-    holding += [name for name, _arn in scan_secrets(sm, key_id).holding if name not in holding]
+    prefix = ctx.catalogue.environment(ctx.env).where_used_prefix
+    holding += [name for name, _arn in scan_secrets(sm, key_id, prefix).holding
+                if name not in holding]
     seen = {
         "key": key_id,
         "status": key.status if key else None,
@@ -321,7 +325,7 @@ def where_used(ctx: Context) -> Outcome:
                 f"secret {field.id} field {field.key_id_field!r} holds {held!r}, "
                 f"not {ctx.target}'s key {old}: fix rotor.yml or the secret"
             )
-    scan = scan_secrets(sm, old)
+    scan = scan_secrets(sm, old, ctx.catalogue.environment(ctx.env).where_used_prefix)
     missed = sorted(
         name
         for name, arn in scan.holding

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from rotation import fence, redact
+from rotation import audit_chain, fence, redact
 from rotation.errors import LeaseLost, RotationConflict, RotorError, UnknownName
 
 ACTIVE = "active"
@@ -143,6 +143,7 @@ class AuditRow:
     actor: str
     at: float
     detail: str | None
+    hash: str | None = None  # chained to the previous row's (rotation.audit_chain)
 
 
 _STEP_FIELDS = [f.name for f in fields(StepRow)]
@@ -367,9 +368,19 @@ class Store:
                "from_status": from_status, "to_status": to_status, "actor": actor,
                "at": self.clock(), "detail": detail}
         _guard(row)
-        with self._session() as db:
-            self._order_audit(db)
-            self._insert(db, "audit", row)
+        if getattr(self._local, "db", None) is None:
+            with self.transaction(fenced=False) as db:  # reading the head and appending: one
+                self._append_audit(db, row)
+        else:
+            with self._session() as db:
+                self._append_audit(db, row)
+
+    def _append_audit(self, db: Db, row: dict[str, Any]) -> None:
+        """Append the row, chained to the last one (rotation.audit_chain)."""
+        self._order_audit(db)
+        last = db.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        row["hash"] = audit_chain.link((last[0] or "") if last else "", row)
+        self._insert(db, "audit", row)
 
     def create_rotation(self, kind: str, target: str, env: str, initiator: str,
                         params: dict[str, Any], steps: list[tuple[str, str, bool]]) -> int:
@@ -640,8 +651,8 @@ class Store:
 
     def audit_rows(self, rotation_id: int | None = None, after: int = 0,
                    limit: int = 1000) -> list[AuditRow]:
-        query = ("SELECT id, rotation_id, step, event, from_status, to_status, actor, at, detail "
-                 "FROM audit WHERE id > ?")
+        query = ("SELECT id, rotation_id, step, event, from_status, to_status, actor, at, detail, "
+                 "hash FROM audit WHERE id > ?")
         args: list[Any] = [after]
         if rotation_id is not None:
             query += " AND rotation_id = ?"

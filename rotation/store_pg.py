@@ -90,6 +90,8 @@ MIGRATIONS: list[str] = [
         WHERE consumed_at IS NULL;
     """,
     "ALTER TABLE rotations ADD COLUMN lease_token BIGINT NOT NULL DEFAULT 0",
+    # Each audit row's hash, chained to the previous row's (rotation.audit_chain).
+    "ALTER TABLE audit ADD COLUMN hash TEXT",
 ]
 
 # Any one number: the key of the advisory locks that serialise migrations and audit ids.

@@ -135,11 +135,18 @@ def _m3_fencing_token(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE rotations ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0")
 
 
+def _m4_audit_chain(db: sqlite_utils.Database) -> None:
+    """Each audit row carries a hash chained to the previous row's (rotation.audit_chain);
+    rows written before stay unhashed."""
+    db.execute("ALTER TABLE audit ADD COLUMN hash TEXT")
+
+
 # Numbered migrations: append, never edit. PRAGMA user_version records how many ran.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_bound_approvals,
     _m3_fencing_token,
+    _m4_audit_chain,
 ]
 
 

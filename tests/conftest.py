@@ -99,3 +99,47 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "state.db")
     return str(request.getfixturevalue("postgres_state"))
+
+
+# -- every Kubernetes call the suite makes, checked against `rotor rbac` (tests/kube_calls.py) --
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+_deselected: list[Any] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.fakes.kube_api import CALL_LOG_ENV
+
+    if not os.environ.get(CALL_LOG_ENV) and not hasattr(config, "workerinput"):
+        import tempfile
+
+        log = os.path.join(tempfile.mkdtemp(prefix="rotor-kube-calls-"), "calls.jsonl")
+        os.environ[CALL_LOG_ENV] = log
+
+
+def pytest_deselected(items: list[Any]) -> None:
+    _deselected.extend(items)
+
+
+def _whole_suite(session: pytest.Session) -> bool:
+    """Every test under tests/ ran and passed: only then must every granted kind be used."""
+    args = [os.path.abspath(str(a)) for a in session.config.args]
+    return (not _deselected and session.testsfailed == 0 and session.testscollected > 0
+            and all(a == TESTS_DIR for a in args))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import kube_calls
+    from tests.fakes.kube_api import CALL_LOG_ENV
+
+    entries = kube_calls.read(os.environ.get(CALL_LOG_ENV, ""))
+    problems = [f"refused by `rotor rbac`: {p}" for p in kube_calls.refused(entries)]
+    if _whole_suite(session) and entries:
+        problems += [f"granted by `rotor rbac` but never used: {p}"
+                     for p in kube_calls.unused(entries)]
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "\n".join(["Kubernetes calls vs the generated RBAC:", *problems])
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -651,6 +651,9 @@ def rig(
         world = Rig(
             engine_name, box, workdir, url, kube, app=box.prefix, clock=clock, copy=copy, **kwargs
         )
+        kube.catalogue_path = str(world.config_path)
+        if copy is not None:
+            copy.kube.catalogue_path = str(world.config_path)
         if copy is not None:
             world.restore()  # staging starts as last night's copy of production
         world.seed()

@@ -306,7 +306,7 @@ def test_a_rotation_waiting_over_a_day_is_reminded_daily_in_its_thread(world, sl
 def test_rotor_keys_prints_the_report(world, tmp_path, monkeypatch):
     world.clock.now = time.time()  # the CLI's clock is the real one
     seed_ages(world, AGES)
-    monkeypatch.setattr("bot.wiring.setup_logging", lambda level: None)
+    monkeypatch.setattr("bot.wiring.setup_logging", lambda *args, **kwargs: None)
     config = tmp_path / "rotor.yml"
     config.write_text(CONFIG)
     monkeypatch.setenv("ROTOR_STATE", str(tmp_path / "cli.db"))

@@ -1,0 +1,226 @@
+"""`rotor iam-policy ENV`: a whole IAM key rotation runs as a principal holding only the
+generated policy, with moto enforcing IAM, and every AWS operation it makes (recorded from
+botocore's events: before-parameter-build carries the API parameters, where before-call has
+the serialised request) is allowed by the policy, resources included.
+
+moto checks a request's action against the principal's policies but compares resources with
+"*" only, so moto gets the policy's actions and the recorder here checks each call's resource
+against the generated ARN patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from moto import mock_aws
+from moto import settings as moto_settings
+from moto.ecs.models import ecs_backends
+from moto.iam.models import iam_backends
+
+from bot.cli import main
+from rotation import aws, iam, iam_policy
+from rotation.catalogue import parse
+from tests.test_iam import STAGING_ACCOUNT, USER, World, at
+
+SECRET = "govuk/fastly-logs/aws"
+CONFIG = f"""
+environments:
+  staging: {{aws_region: eu-west-1}}
+iam_users:
+  {USER}:
+    environments:
+      staging:
+        secrets: [{{id: {SECRET}}}]
+        ecs_services: [{{cluster: govuk, service: logs}}]
+"""
+
+
+class Recorder:
+    """(action, resource) of every call Rotor's AWS clients make."""
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        self.calls: list[tuple[str, str]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> Recorder:
+        original = aws.fenced_client
+
+        def fenced_client(session: Any, service: str) -> Any:
+            client = original(session, service)
+            region = client.meta.region_name
+            client.meta.events.register(
+                "before-parameter-build",
+                lambda model, params, **_: self.record(region, model, params))
+            return client
+
+        monkeypatch.setattr(aws, "fenced_client", fenced_client)
+        return self
+
+    def record(self, region: str, model: Any, params: dict[str, Any]) -> None:
+        prefix = model.service_model.signing_name
+        action = f"{prefix}:{model.name}"
+        account = self.account
+        if prefix == "secretsmanager" and "SecretId" in params:
+            secret = params["SecretId"]
+            resource = secret if secret.startswith("arn:") else \
+                f"arn:aws:secretsmanager:{region}:{account}:secret:{secret}-AbCdEf"
+        elif prefix == "iam" and "UserName" in params:
+            resource = f"arn:aws:iam::{account}:user/{params['UserName']}"
+        elif prefix == "iam" and "AccessKeyId" in params:  # IAM authorises it on the key's user
+            key = iam_backends[account]["aws"].access_keys[params["AccessKeyId"]]
+            resource = f"arn:aws:iam::{account}:user/{key.user_name}"
+        elif prefix == "ecs" and "service" in params:
+            resource = f"arn:aws:ecs:{region}:{account}:service/{params['cluster']}/" \
+                f"{params['service']}"
+        elif prefix == "ecs" and "services" in params:
+            resource = ",".join(f"arn:aws:ecs:{region}:{account}:service/{params['cluster']}/{s}"
+                                for s in params["services"])
+        else:
+            resource = "*"
+        self.calls.append((action, resource))
+
+    def refused(self, policy: dict[str, Any]) -> list[tuple[str, str]]:
+        return sorted({(action, resource) for action, resource in self.calls
+                       if not all(iam_policy.allowed(policy, action, r)
+                                  for r in resource.split(","))})
+
+
+def moto_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """The generated policy's actions, every resource "*" (moto matches resources to "*")."""
+    return {**policy, "Statement": [{**s, "Resource": "*"} for s in policy["Statement"]]}
+
+
+def rotate_as(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+              policy: dict[str, Any]) -> tuple[Any, Recorder]:
+    """Seed as an administrator, then rotate the key with moto enforcing IAM as a principal
+    holding only `policy`. Returns the final rotation row and what Rotor called."""
+    admin_dir, rotor_dir = tmp_path / "admin", tmp_path / "rotor"
+    admin_dir.mkdir(exist_ok=True)
+    rotor_dir.mkdir(exist_ok=True)
+    admin = World(admin_dir, CONFIG)
+    old = admin.seed("staging")
+    ecs = admin.clients.aws("staging", "ecs")
+    ecs.create_cluster(clusterName="govuk")
+    ecs.register_task_definition(
+        family="logs", containerDefinitions=[{"name": "app", "image": "logs", "memory": 128}])
+    ecs.create_service(cluster="govuk", serviceName="logs", taskDefinition="logs",
+                       desiredCount=1)
+    account_iam = admin.iam("staging")
+    account_iam.create_user(UserName="rotor")
+    account_iam.put_user_policy(UserName="rotor", PolicyName="rotor",
+                                PolicyDocument=json.dumps(moto_policy(policy)))
+    key = account_iam.create_access_key(UserName="rotor")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    recorder = Recorder(STAGING_ACCOUNT).install(monkeypatch)
+
+    world = World(rotor_dir, CONFIG)
+    iam.key_age_report(world.clients, world.catalogue, "staging", world.clock())
+    rid = world.start("staging")
+    row = world.advance(rid)
+    if at(row) == ("ecs", "waiting"):
+        for service in ecs_backends[STAGING_ACCOUNT]["eu-west-1"].services.values():
+            for deployment in service.deployments:
+                deployment["rolloutState"] = "COMPLETED"
+        row = world.advance(rid, 60)
+    if at(row) == ("wait-for-switch", "waiting"):
+        new_id = row.data["new_key_id"]
+        admin.use("staging", new_id, world.clock() + 60)
+        admin.use("staging", old["AccessKeyId"], world.clock() - 86400)
+        row = world.advance(rid, 5 * 3600)
+    for _ in range(4):
+        if row.status != "active" or row.current.status == "failed":
+            break
+        if row.current.status == "needs-approval":
+            row = world.approve(rid)
+        else:
+            row = world.advance(rid, 8 * 86400)
+    return row, recorder
+
+
+def test_a_key_rotation_runs_under_only_the_generated_policy(tmp_path, monkeypatch) -> None:
+    policy = iam_policy.document(iam_policy.grants(parse(CONFIG), "staging"))
+    with mock_aws():
+        row, recorder = rotate_as(tmp_path, monkeypatch, policy)
+    assert row.status == "done", [(s.name, s.status, s.error) for s in row.steps]
+    assert recorder.refused(policy) == [], recorder.refused(policy)
+    made = {action for action, _ in recorder.calls}
+    assert made >= {"iam:CreateAccessKey", "iam:UpdateAccessKey", "iam:DeleteAccessKey",
+                    "secretsmanager:PutSecretValue", "secretsmanager:ListSecrets",
+                    "ecs:UpdateService", "iam:GenerateCredentialReport"}, made
+    granted = {a for s in policy["Statement"] for a in s["Action"]}
+    assert granted == made, "the policy grants actions the rotation never used"
+
+
+@pytest.mark.parametrize("dropped", ["iam:DeleteAccessKey", "secretsmanager:PutSecretValue",
+                                     "ecs:UpdateService", "secretsmanager:ListSecrets"])
+def test_without_one_needed_permission_the_rotation_fails(tmp_path, monkeypatch,
+                                                          dropped) -> None:
+    """Removing one action from the generator: moto refuses the call and the rotation fails
+    (or stops) at the step that needs it."""
+    fewer = [iam_policy.Grant(g.sid, tuple(a for a in g.actions if a != dropped), g.resources)
+             for g in iam_policy.grants(parse(CONFIG), "staging")]
+    policy = iam_policy.document([g for g in fewer if g.actions])
+    with mock_aws():
+        row, recorder = rotate_as(tmp_path, monkeypatch, policy)
+    assert row.status != "done"
+    failed = [s for s in row.steps if s.status == "failed"]
+    assert failed, [(s.name, s.status) for s in row.steps]
+    error = failed[0].error or ""
+    assert re.search(r"AccessDenied|\b403\b|not authorized", error), error
+
+
+def test_resources_outside_the_policy_are_refused() -> None:
+    policy = iam_policy.document(iam_policy.grants(parse(CONFIG), "staging"))
+    recorder = Recorder(STAGING_ACCOUNT)
+    recorder.calls = [("secretsmanager:PutSecretValue",
+                       "arn:aws:secretsmanager:eu-west-1:1:secret:govuk/other-AbCdEf"),
+                      ("iam:DeleteAccessKey", "arn:aws:iam::1:user/someone-else"),
+                      ("iam:CreateAccessKey", f"arn:aws:iam::1:user/{USER}")]
+    assert [a for a, _ in recorder.refused(policy)] == ["iam:DeleteAccessKey",
+                                                        "secretsmanager:PutSecretValue"]
+
+
+def test_rotor_iam_policy_prints_the_policy_and_says_the_scan_reads_everything(tmp_path):
+    path = tmp_path / "rotor.yml"
+    path.write_text(CONFIG)
+    result = CliRunner().invoke(main, ["--config", str(path), "iam-policy",
+                                                       "staging"])
+    assert result.exit_code == 0, result.output
+    policy = json.loads(result.stdout)
+    sids = [s["Sid"] for s in policy["Statement"]]
+    assert "WhereUsedScanReadsEverySecret" in sids
+    assert "reads the value of every secret" in result.stderr
+    assert "where_used_prefix" in result.stderr
+
+    path.write_text(CONFIG.replace("staging: {aws_region: eu-west-1}",
+                                   "staging: {aws_region: eu-west-1, where_used_prefix: govuk/}"))
+    limited = CliRunner().invoke(main, ["--config", str(path), "iam-policy",
+                                                        "staging"])
+    statement = {s["Sid"]: s for s in json.loads(limited.stdout)["Statement"]}
+    assert statement["WhereUsedScanReads"]["Resource"] == \
+        "arn:aws:secretsmanager:eu-west-1:*:secret:govuk/*"
+    assert limited.stderr == ""
+
+
+def test_roles_and_keys_are_granted_where_set() -> None:
+    config = parse(CONFIG.replace(
+        "staging: {aws_region: eu-west-1}",
+        "staging: {aws_region: eu-west-1, aws_role_arn: 'arn:aws:iam::111111111111:role/rotor',"
+        " kms_keys: ['arn:aws:kms:eu-west-1:111111111111:key/k1']}"))
+    statement = {g.sid: g for g in iam_policy.grants(config, "staging")}
+    assert statement["AssumeTheEnvironmentsRole"].resources == (
+        "arn:aws:iam::111111111111:role/rotor",)
+    assert statement["SecretsUnderCustomerManagedKeys"].actions == ("kms:Decrypt",
+                                                                    "kms:GenerateDataKey")
+    assert statement["AccessKeysOfCataloguedUsers"].resources == (
+        f"arn:aws:iam::111111111111:user/{USER}",)
+    assert "AssumeTheEnvironmentsRole" not in {
+        g.sid for g in iam_policy.grants(parse(CONFIG), "staging")}
