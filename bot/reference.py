@@ -23,6 +23,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ROTOR_CONFIG": ("./rotor.yml", "The catalogue (`--config` wins)."),
     "ROTOR_STATE": ("./rotor.db", "The SQLite state DB: every rotation, step and audit row."),
     "ROTOR_LOG_LEVEL": ("INFO", "Log level; DEBUG adds the traces of expected failures."),
+    "ROTOR_LOG_FORMAT": ("text", "`json`: one JSON object a line, with `rotation_id` and `step` "
+                                 "on a step's lines."),
+    "ROTOR_TEST_KUBE_LOG": ("", "Tests: the file the fake Kubernetes API logs every call to "
+                                "(the RBAC check)."),
     "ROTOR_BIND": ("0.0.0.0", "Address `rotor serve` listens on in HTTP mode."),
     "ROTOR_HTTP_TIMEOUT": ("10", "Seconds before an idle or half-sent HTTP connection is closed."),
     "PORT": ("3000", "Port of `rotor serve` (HTTP mode, `/healthz` and `/readyz`)."),

@@ -108,7 +108,7 @@ _deselected: list[Any] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from tests.fakes.kube_api import CALL_LOG_ENV
+    from demo.kube_api import CALL_LOG_ENV
 
     if not os.environ.get(CALL_LOG_ENV) and not hasattr(config, "workerinput"):
         import tempfile
@@ -129,8 +129,8 @@ def _whole_suite(session: pytest.Session) -> bool:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from demo.kube_api import CALL_LOG_ENV
     from tests import kube_calls
-    from tests.fakes.kube_api import CALL_LOG_ENV
 
     entries = kube_calls.read(os.environ.get(CALL_LOG_ENV, ""))
     problems = [f"refused by `rotor rbac`: {p}" for p in kube_calls.refused(entries)]

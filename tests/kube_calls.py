@@ -1,4 +1,4 @@
-"""The Kubernetes API calls the test suite made (tests/fakes/kube_api.py logs them to the file
+"""The Kubernetes API calls the test suite made (demo/kube_api.py logs them to the file
 named by $ROTOR_TEST_KUBE_LOG), checked against what `rotor rbac` generates."""
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ import pytest
 
 from bot.settings import Settings
 from bot.wiring import setup_logging
+from demo.slack_api import FakeSlack
 from rotation import redact
 from rotation.engine import _StepLog
 from rotation.errors import ConfigError
-from tests.fakes.slack_api import FakeSlack
 from tests.slackbot import SECRET_PASSWORD, BotProcess
 
 

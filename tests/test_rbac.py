@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from bot.cli import main
 from bot.settings import Settings
 from bot.wiring import build_engine
+from demo.kube_api import rbac_call
 from rotation import catalogue as catalogue_module
 from rotation import rbac
 from tests import kube_calls
-from tests.fakes.kube_api import rbac_call
 from tests.rig import Rig, drive
 
 CATALOGUE = """
