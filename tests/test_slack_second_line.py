@@ -59,6 +59,9 @@ def test_a_private_notice_channel_is_said_in_the_thread_and_on_readyz(tmp_path: 
 
             slack.invite("#govuk-2ndline")
             bot.click(bot.button(rotation_id, "retry"), user="U0ALICE")
+            # The retried drop asks again: its approval was spent on the failed attempt.
+            bot.wait_step("signon", "production", "drop-old-user", "needs-approval", timeout=30)
+            bot.click(bot.button(rotation_id, "approve", "drop-old-user"), user="U0DAVE")
             bot.wait_status("signon", "production", "done", timeout=30)
             bot.wait_for(lambda: any(":tada:" in t for t in bot.thread_text(rotation_id)),
                          what="the finish")
