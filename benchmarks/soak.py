@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="stop after this many (0: time)")
     parser.add_argument("--replay", metavar="KIND:SEED",
                         help="run the one round a test printed, and shrink what fails")
+    parser.add_argument("--manual-moves", action="store_true",
+                        help="also let a person move AWSCURRENT back to AWSPREVIOUS by hand")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack
     base = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
@@ -55,7 +57,7 @@ def main() -> int:
         rounds += 1
         print(f"round {rounds}: {kind} seed {round_seed} ...", flush=True)
         try:
-            fault_machine.run(kind, round_seed, args.examples)
+            fault_machine.run(kind, round_seed, args.examples, manual_moves=args.manual_moves)
             outcome = "ok"
         except Exception as exc:  # a violated invariant, shrunk; keep soaking
             failed += 1
