@@ -521,13 +521,7 @@ class SecretWorld(DatabaseWorld):
         function.install(patch)
         self.stack.callback(function.stop)
         EcsDeployments(self.clock).install(patch)
-        ecs = world.client("ecs")
-        cluster = f"{world.app}-cluster"
-        ecs.create_cluster(clusterName=cluster)
-        ecs.register_task_definition(family=world.app, containerDefinitions=[
-            {"name": "app", "image": "app:1", "memory": 128}])
-        ecs.create_service(cluster=cluster, serviceName="web", taskDefinition=world.app,
-                           desiredCount=2)
+        service = world.ecs_service()
         world.sm().rotate_secret(SecretId=world.secret_id(), RotationLambdaARN=function.arn,
                                  RotationRules={"AutomaticallyAfterDays": 30})
         function.idle()
@@ -535,7 +529,7 @@ class SecretWorld(DatabaseWorld):
         config["secrets"] = {world.secret_id(): {"rollback_minutes": 30, "environments": {
             "staging": {"external_secrets": [world.external_secret],
                         "deployments": [world.app],
-                        "ecs_services": [{"cluster": cluster, "service": "web"}]},
+                        "ecs_services": [service]},
             "production": {"external_secrets": [world.external_secret],
                            "deployments": [world.app]}}}}
         world.config_path.write_text(json.dumps(config, indent=2))

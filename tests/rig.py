@@ -310,6 +310,18 @@ class Rig:
     def client(self, service: str, env: str | None = None) -> Any:
         return moto_client(service, self.moto, self.region(env))
 
+    def ecs_service(self) -> dict[str, str]:
+        """An ECS cluster `{app}-cluster` running the app as service `web` (2 tasks), as
+        the catalogue's `ecs_services` names it."""
+        ecs = self.client("ecs")
+        cluster = f"{self.app}-cluster"
+        ecs.create_cluster(clusterName=cluster)
+        ecs.register_task_definition(family=self.app, containerDefinitions=[
+            {"name": "app", "image": "app:1", "memory": 128}])
+        ecs.create_service(cluster=cluster, serviceName="web", taskDefinition=self.app,
+                           desiredCount=2)
+        return {"cluster": cluster, "service": "web"}
+
     def env(self) -> dict[str, str]:
         """Environment for a `rotor` subprocess pointed at this rig, run by Alice's role
         session (OPERATORS maps it to U0ALICE)."""

@@ -170,22 +170,9 @@ def function(world, monkeypatch) -> Iterator[RotationLambda]:
     fn.stop()
 
 
-def ecs_client(world: Rig) -> Any:
-    return world.client("ecs")
-
-
 @pytest.fixture
 def service(world) -> dict[str, str]:
-    client = ecs_client(world)
-    cluster = f"{world.app}-cluster"
-    client.create_cluster(clusterName=cluster)
-    client.register_task_definition(
-        family=world.app, containerDefinitions=[{"name": "app", "image": "app:1", "memory": 128}]
-    )
-    client.create_service(
-        cluster=cluster, serviceName="web", taskDefinition=world.app, desiredCount=2
-    )
-    return {"cluster": cluster, "service": "web"}
+    return world.ecs_service()
 
 
 @pytest.fixture

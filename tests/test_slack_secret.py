@@ -17,17 +17,11 @@ from tests.test_managed_secret import AlternatingUsers
 
 
 def test_rotate_a_secret_from_slack_and_roll_it_back(world, monkeypatch):
-    ecs = world.client("ecs")
-    cluster = f"{world.app}-cluster"
-    ecs.create_cluster(clusterName=cluster)
-    ecs.register_task_definition(family=world.app, containerDefinitions=[
-        {"name": "app", "image": "app:1", "memory": 128}])
-    ecs.create_service(cluster=cluster, serviceName="web", taskDefinition=world.app,
-                       desiredCount=2)
+    service = world.ecs_service()
     config = json.loads(world.config_path.read_text())
     config["secrets"] = {world.secret_id(): {"rollback_minutes": 30, "environments": {
         "staging": {"external_secrets": [world.external_secret], "deployments": [world.app],
-                    "ecs_services": [{"cluster": cluster, "service": "web"}]}}}}
+                    "ecs_services": [service]}}}}
     world.config_path.write_text(json.dumps(config, indent=2))
     deployments = EcsDeployments(world.clock).install(monkeypatch)
     handler = AlternatingUsers(world)
