@@ -15,17 +15,7 @@ from bot.wiring import build_engine
 from rotation.engine import Engine
 from rotation.store import RotationRow
 from tests.rig import Rig, drive
-
-
-class Notices:
-    """2nd line, as the engine tells it (the Slack notifier's stand-in)."""
-
-    def __init__(self) -> None:
-        self.posted: list[str] = []
-
-    def notify(self, rotation: Any, step: Any, summary: str, approved_by: str) -> str:
-        self.posted.append(f"{step.name}: {summary}")
-        return "https://slack.example/archives/C2/p1"
+from tests.test_iam import Notices
 
 
 def engine_for(world: Rig, notices: Notices | None = None, hold: float = 0) -> Engine:
