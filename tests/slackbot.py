@@ -254,7 +254,10 @@ class BotProcess:
     def raw(self, head: bytes, body: bytes = b"", timeout: float = 10) -> bytes:
         """Send bytes as they are (a request no HTTP client would make); the raw answer."""
         with socket.create_connection((self.host, self.port), timeout=timeout) as conn:
-            conn.sendall(head + body)
+            try:
+                conn.sendall(head + body)
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the server answered and closed before taking the whole body: read it
             chunks = []
             while True:
                 try:
