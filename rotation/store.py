@@ -301,6 +301,11 @@ class Store:
         """A connection in a write transaction: committed at the end, rolled back on error."""
         raise NotImplementedError
 
+    def _snapshot(self) -> AbstractContextManager[Db]:
+        """A connection whose statements all read one moment of the database, for reads of
+        more than one statement (a rotation and its steps)."""
+        raise NotImplementedError
+
     def migrate(self) -> int:
         raise NotImplementedError
 
@@ -598,7 +603,7 @@ class Store:
     # -- reads ----------------------------------------------------------------------------
 
     def rotation(self, rotation_id: int) -> RotationRow:
-        with self._session() as db:
+        with self._snapshot() as db:
             row = db.execute(
                 "SELECT " + _ROTATION_SELECT + " FROM rotations WHERE id = ?",  # noqa: S608
                 [rotation_id]).fetchone()

@@ -163,6 +163,20 @@ class PostgresStore(Store):
         with self.pool.connection() as conn, conn.transaction():
             yield _Connection(conn)
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[Db]:
+        """Outside a transaction each statement reads its own moment (autocommit, READ
+        COMMITTED): a rotation read in two statements could pair the row from before an
+        approval with the steps from after it. One REPEATABLE READ, read-only transaction
+        reads both at one moment."""
+        if getattr(self._local, "db", None) is not None:
+            with self._session() as db:
+                yield db
+            return
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield _Connection(conn)
+
     def _order_audit(self, db: Db) -> None:
         """Audit ids come from a sequence, so two transactions could commit them out of order
         and a reader that keeps a cursor (the reporter) would pass over the later-committed

@@ -204,6 +204,21 @@ class SQLiteStore(Store):
             else:
                 self._sqlite.execute("COMMIT")
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[Db]:
+        """One read transaction (WAL: a snapshot), so another process's or another Store's
+        commit cannot land between a rotation's row and its steps."""
+        if getattr(self._local, "db", None) is not None:
+            with self._session() as db:
+                yield db
+            return
+        with self._lock:
+            self._sqlite.execute("BEGIN DEFERRED")
+            try:
+                yield self._conn
+            finally:
+                self._sqlite.execute("COMMIT")
+
     def migrate(self) -> int:
         """Run the migrations this file has not had yet; returns the schema version."""
         if self.version() == len(MIGRATIONS):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rotation import fence, redact
+from rotation import fence, redact, store_pg, store_sqlite
 from rotation.errors import LeaseLost, RotationConflict, RotorError
 from rotation.store import DONE, SecretInState, StepRow, Store
 from rotation.store_pg import MIGRATIONS as PG_MIGRATIONS
@@ -211,3 +211,36 @@ def test_state_copy_refuses_a_store_that_is_not_empty(store: Store, tmp_path: An
     with pytest.raises(RotorError, match="not empty"):
         store.copy_from(source)
     source.close()
+
+
+def test_a_rotation_is_read_at_one_moment(opened, monkeypatch):
+    """A rotation's row and its steps are two statements: a commit that lands between them
+    (an approval that sets the decision and the wake-up together) must not give the reader
+    the row from before it and the steps from after it."""
+    reader, writer = opened(), opened()
+    rid = _start(writer)
+    before = writer.rotation(rid).next_run_at
+
+    landed: list[bool] = []
+
+    def approve_now() -> None:
+        landed.append(True)
+        with writer.transaction(fenced=False):
+            writer.update_rotation(rid, next_run_at=5.0)
+            writer.update_step(rid, 1, decision="approved")
+
+    for module in (store_pg, store_sqlite):
+        plain = module._Connection.execute
+
+        def execute(self: Any, text: str, args: Any = (), plain: Any = plain) -> Any:
+            cursor = plain(self, text, args)
+            if not landed and text.startswith("SELECT") and "FROM rotations WHERE id" in text:
+                approve_now()
+            return cursor
+
+        monkeypatch.setattr(module._Connection, "execute", execute)
+    row = reader.rotation(rid)
+    assert landed == [True]
+    assert (row.next_run_at, row.step(1).decision) == (before, None)
+    again = reader.rotation(rid)
+    assert (again.next_run_at, again.step(1).decision) == (5.0, "approved")
