@@ -120,6 +120,27 @@ def retire_facts(ctx: Context, old: str, accounts: list[str], sessions: int,
     return Facts(seen)
 
 
+def forget_previous(ctx: Context, old: str, env: str | None = None) -> str:
+    """Take AWSPREVIOUS off the version that names `old`, the user about to be dropped.
+
+    After the drop that version's password logs in nowhere, and AWSPREVIOUS is what a person
+    rolls back to by hand (the console's "previous version", `update-secret-version-stage`):
+    left on it, a hand rollback would lock the app out. Without the label there is nothing
+    to roll back to, which is the truth once the old user is gone. Done before the drop, so
+    no moment has AWSPREVIOUS naming a dropped user; a label, not a credential, so not
+    destructive. Idempotent: "" when there is nothing to take off."""
+    t = target(ctx, env)
+    sm = secretsmanager(ctx, env)
+    previous = sm_secrets.version_with(sm, t.secret, "AWSPREVIOUS")
+    if previous is None:
+        return ""
+    value = sm_secrets.read_json(sm, t.secret, version=previous) or {}
+    if value.get("username") != old or not sm_secrets.unstage(sm, t.secret, "AWSPREVIOUS",
+                                                              previous):
+        return ""
+    return f"; AWSPREVIOUS of {t.secret} no longer names {old}"
+
+
 def holders(facts: Facts) -> str:
     """"AWSCURRENT in staging holds app_user_20260101, ..." from `retire_facts`."""
     return ", ".join(f"{where} holds {user}" for where, user in facts.seen["secret"].items()

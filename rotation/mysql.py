@@ -226,8 +226,8 @@ def drop_old_user(ctx: Context) -> Outcome:
     """Runbook: "Deleting the old user", on every host it exists on."""
     old = ctx.data["old_username"]
     with admin(ctx) as conn:
-        if not mysql_db.user_hosts(conn, old):
-            return Done(f"{old} is already gone")
+        if not mysql_db.user_hosts(conn, old):  # a resume after the drop
+            return Done(f"{old} is already gone{appcreds.forget_previous(ctx, old)}")
 
         def read() -> Facts:
             """Read now: the old user's accounts, its sessions, who the secret names, and
@@ -249,10 +249,11 @@ def drop_old_user(ctx: Context) -> Outcome:
                       f"{appcreds.holders(f)}; AWSCURRENT logs in",
             destructive=True)
         hosts = [account.split("@", 1)[1] for account in facts.seen["accounts"]]
+        forgotten = appcreds.forget_previous(ctx, old)
         if not hosts:
-            return Done(f"{old} is already gone")
+            return Done(f"{old} is already gone{forgotten}")
         mysql_db.drop_user(conn, old, hosts)
-    return Done(f"dropped {old} on {', '.join(hosts)}")
+    return Done(f"dropped {old} on {', '.join(hosts)}{forgotten}")
 
 
 class MySQLKind:

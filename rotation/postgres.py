@@ -453,8 +453,9 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
     old, database = _state(ctx, env)["old_username"], _state(ctx, env)["database"]
     new, owner_role = ctx.data["new_username"], ctx.data["owner_role"]
     with admin(ctx, env) as conn:
-        if not postgres_db.role_exists(conn, old):
-            return Done(f"{env}: {old} is already gone")
+        if not postgres_db.role_exists(conn, old):  # a resume after the drop
+            return Done(f"{env}: {old} is already gone"
+                        f"{appcreds.forget_previous(ctx, old, env)}")
         carried = ""
         if env == ctx.env and _copies(ctx) and not _compromised(ctx.params):
             carried = f"; the next restore carries this to {', '.join(_copies(ctx))}"
@@ -490,8 +491,9 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
             f"{appcreds.holders(f)}; no sessions{carried}{f.seen.get('kept', '')}",
             destructive=True,
         )
+        forgotten = appcreds.forget_previous(ctx, old, env)
         if not facts.seen["accounts"]:
-            return Done(f"{env}: {old} is already gone")
+            return Done(f"{env}: {old} is already gone{forgotten}")
         changes = postgres_grants.carry_over(conn, old, owner_role, heirs)
         changes += postgres_db.retire_user(
             conn,
@@ -500,7 +502,7 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
             database=database,
             before_drop=partial(postgres_grants.check_kept, old=old, new=new, heirs=heirs),
         )
-    return Done(f"{env}: {'; '.join(changes) or f'{old} is already gone'}")
+    return Done(f"{env}: {'; '.join(changes) or f'{old} is already gone'}{forgotten}")
 
 
 # -- the kind --------------------------------------------------------------------------

@@ -48,8 +48,12 @@ def test_a_full_rotation_moves_the_app_to_a_new_user_and_drops_the_old(world, ca
     assert new == f"{world.app}_user_{time.strftime('%Y%m%d', time.gmtime())}"
     assert world.users() == {world.box.admin_user, new}  # old dropped, nothing extra
     world.login(world.current())
+    # The dropped user's version keeps no label: a hand rollback to AWSPREVIOUS would have
+    # restored a password that logs in nowhere.
     stages = world.stages()
-    assert sorted(s for v in stages.values() for s in v) == ["AWSCURRENT", "AWSPREVIOUS"]
+    assert sorted(s for v in stages.values() for s in v) == ["AWSCURRENT"]
+    assert f"AWSPREVIOUS of {world.secret_id()} no longer names {old}" in (
+        final.step("drop-old-user").result or "")
     secret = world.kube.secret_data("apps", world.external_secret)
     assert secret["DATABASE_URL"].startswith(f"mysql2://{new}:")
     assert all(p["metadata"]["uid"] for p in world.kube.pods("apps", world.app))

@@ -188,6 +188,10 @@ def test_a_full_rotation_converts_then_moves_the_app_to_a_new_user(world, caplog
     )
     assert "read/write OK on 2 tables" in steps["test-login"].result
     assert f"dropped role {box.app_user}" in steps["retire"].result
+    # Nothing left to roll back to by hand: the dropped user's version lost AWSPREVIOUS.
+    assert f"AWSPREVIOUS of {world.secret_id()} no longer names {box.app_user}" in (
+        steps["retire"].result)
+    assert sorted(s for v in world.stages().values() for s in v) == ["AWSCURRENT"]
 
     passwords = [world.current()["password"], box.app_password, box.admin_password]
     dump = "\n".join(engine.store.db.iterdump())
