@@ -37,8 +37,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="stop after this many (0: time)")
     parser.add_argument("--replay", metavar="KIND:SEED",
                         help="run the one round a test printed, and shrink what fails")
-    parser.add_argument("--manual-moves", action="store_true",
-                        help="also let a person move AWSCURRENT back to AWSPREVIOUS by hand")
+    parser.add_argument("--no-manual-moves", dest="manual_moves", action="store_false",
+                        help="leave out a person moving AWSCURRENT back to AWSPREVIOUS by hand")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack
     base = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)

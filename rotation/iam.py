@@ -485,6 +485,20 @@ def promote(ctx: Context) -> Outcome:
     )
 
 
+def _forget_previous(ctx: Context, key_id: str) -> str:
+    """Take AWSPREVIOUS off each catalogued secret's version that holds `key_id`, the key about
+    to be made inactive: a person rolling a secret back by hand to AWSPREVIOUS would otherwise
+    give the app a key that no longer works. "Reactivate" needs no label: it turns the key
+    itself back on while AWSCURRENT keeps the new one. Idempotent; "" when nothing changed."""
+    sm, cleared = _sm(ctx), []
+    for field in _places(ctx).secrets:
+        found = read_key_secret(sm, field, "AWSPREVIOUS")
+        if found and found[0].get(field.key_id_field) == key_id and sm_secrets.unstage(
+                sm, field.id, "AWSPREVIOUS", found[1]):
+            cleared.append(field.id)
+    return f"; AWSPREVIOUS of {', '.join(cleared)} no longer holds it" if cleared else ""
+
+
 def _manual_step(place: ManualPlace, gate: str) -> Callable[[Context], Outcome]:
     def update_by_hand(ctx: Context) -> Outcome:
         """Runbook 2-3, "the control panel of one of the 3rd party services": guided."""
@@ -575,11 +589,14 @@ def deactivate(ctx: Context) -> Outcome:
             "another approval",
             destructive=True,
         )
+        forgotten = _forget_previous(ctx, old.id)
         if facts.seen["status"] == ACTIVE:
             _set_status(_iam(ctx), ctx.target, old.id, INACTIVE)
+    else:
+        forgotten = _forget_previous(ctx, old.id)
     ctx.data.setdefault("deactivated_at", now)
     return Done(
-        f'the old key {old.id} is inactive; "Reactivate" works until '
+        f'the old key {old.id} is inactive{forgotten}; "Reactivate" works until '
         f"{when(ctx.data['deactivated_at'] + grace)}"
     )
 

@@ -43,10 +43,11 @@ class RotationMachine(RuleBasedStateMachine):
     """One world, two workers, one rotation at a time; people and faults act at random."""
 
     KIND = "mysql"
-    # A person moving AWSCURRENT back to AWSPREVIOUS by hand. Off in CI: a 20-minute soak found
-    # a sequence after which that version no longer logs in, not yet explained (the README's
-    # fault-injection section); `soak.py --manual-moves` turns it on.
-    MANUAL_MOVES = False
+    # A person moving AWSCURRENT back to AWSPREVIOUS by hand (`soak.py --no-manual-moves`
+    # leaves it out). A soak once found the moved-back version not logging in: AWSPREVIOUS
+    # still named the old database user after Rotor dropped it; the drop now takes the label
+    # off first. For the secret kind see SecretWorld.move_current_back.
+    MANUAL_MOVES = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -288,13 +289,13 @@ class RotationMachine(RuleBasedStateMachine):
         assert not self.referee.violations, "\n".join(self.referee.violations)
 
 
-def machine(kind: str, *, manual_moves: bool = False) -> type[RotationMachine]:
+def machine(kind: str, *, manual_moves: bool = True) -> type[RotationMachine]:
     return type(f"{kind.title().replace('-', '')}Rotation", (RotationMachine,),
                 {"KIND": kind, "MANUAL_MOVES": manual_moves})
 
 
 def run(kind: str, seed_value: int, examples: int, steps: int = 25, *,
-        manual_moves: bool = False, shrink: bool = True) -> None:
+        manual_moves: bool = True, shrink: bool = True) -> None:
     """Run `examples` examples of `kind` from `seed_value`; raise on a violated invariant,
     with the (shrunk) sequence of actions that replays it."""
     factory = seed(seed_value)(machine(kind, manual_moves=manual_moves))

@@ -232,6 +232,11 @@ def test_production_rotation_from_preflight_to_deleting_the_old_key(world, tmp_p
     assert world.notices.posted and world.notices.posted[0].startswith("deactivate: ")
     assert world.keys("production")[old["AccessKeyId"]] == "Inactive"
     assert at(row) == ("grace", "waiting")
+    # No hand rollback to the inactive key: AWSPREVIOUS came off the versions holding it.
+    for secret_id in (SECRET, "govuk/logit/aws"):
+        stages = sm_secrets.versions(world.sm("production"), secret_id)
+        assert sorted(s for v in stages.values() for s in v) == ["AWSCURRENT"], secret_id
+    assert "AWSPREVIOUS of " in row.step("deactivate").result
     row = world.advance(rid, 6 * DAY)
     assert at(row) == ("grace", "waiting")
     row = world.advance(rid, 1 * DAY + 60)
