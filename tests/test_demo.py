@@ -26,7 +26,8 @@ def test_rotor_demo_once_rotates_with_two_approvers_and_no_failed_login(tmp_path
     assert "» Bob presses Approve on convert" in out
     assert "» Carol presses Approve on retire" in out
     assert "✔ done" in out and "*9/9 done*" in out  # the root checklist, updated in place
-    assert "`retire` done: `staging: dropped role demo-app`" in out  # a thread reply
+    assert ("`retire` done: `staging: dropped role demo-app; AWSPREVIOUS of "
+            "govuk/demo-app/postgres no longer names demo-app`") in out  # a thread reply
     assert "#govuk-2ndline:" in out and "about to run `retire`" in out
     counter = next(line for line in out.splitlines() if line.startswith("logins: "))
     assert " 0 failed" in counter and "demo-app-user-" in counter
