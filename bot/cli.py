@@ -212,6 +212,8 @@ def resume_command(rotation: RotationRow) -> str:
     name = COMMANDS.get(rotation.kind)
     if name is None:
         return f"rotor status {rotation.id}"
+    if rotation.params.get("cleanup"):
+        return f"rotor cleanup {rotation.target} {rotation.env}"
     flags = " --compromised" if rotation.params.get("compromised") else ""
     return f"rotor {name} {rotation.target} {rotation.env}{flags}"
 
@@ -312,6 +314,10 @@ def _start_or_resume(obj: _Obj, kind: str, target: str, env: str, yes: bool, fol
     actor = obj.actor
     obj.policy.check_start(actor, env)
     active = engine.store.find_active(kind, target, env)
+    if active is not None and bool(active.params.get("cleanup")) != bool((params or {}).get(
+            "cleanup")):
+        _fail(f"rotation #{active.id} of {target} in {env} is active; finish or cancel it "
+              f"first ({resume_command(active)})")
     if active is not None:
         click.echo(f"resuming rotation #{active.id} ({active.phase}, {active.progress})")
         rotation_id = active.id
@@ -355,6 +361,23 @@ def rotate(obj: _Obj, app: str, env: str, yes: bool, follow: bool, compromised: 
                        environment.kubeconfig or obj.settings.kubeconfig)
     _start_or_resume(obj, kind, app, env, yes, follow,
                      {"compromised": True} if compromised else {})
+
+
+@main.command()
+@click.argument("app")
+@click.argument("env")
+@YES
+@FOLLOW
+@TOLD
+@click.pass_obj
+def cleanup(obj: _Obj, app: str, env: str, yes: bool, follow: bool) -> None:
+    """Drop the database users earlier rotations of APP made in ENV that nothing uses
+    (what a cancel leaves behind), after an approval."""
+    kind = obj.engine.catalogue.app(app).engine
+    environment = obj.engine.catalogue.environment(env)
+    check_kube_context(env, environment.kube_context,
+                       environment.kubeconfig or obj.settings.kubeconfig)
+    _start_or_resume(obj, kind, app, env, yes, follow, {"cleanup": True})
 
 
 def _kind_command(name: str, kind: str, argument: str, doc: str) -> None:

@@ -18,6 +18,7 @@ from rotation.catalogue import Catalogue
 from rotation.errors import NotAllowed, UnknownName
 
 COMPROMISED = "--compromised"
+CLEANUP = "--cleanup"  # after a cancel: drop the users earlier rotations made that nothing uses
 # Other runbooks' subcommands and the rotation kind each starts.
 OTHER_KINDS = {"key": "iam-key", "secret": "secret", "admin": "rds-admin"}
 VERBS = ("help", "plan", "status", "list", "cancel", "retry", "keys", *OTHER_KINDS)
@@ -58,14 +59,18 @@ def parse(text: str, catalogue: Catalogue, kinds: Mapping[str, Any]) -> Command:
     words = text.split()
     flags = [w for w in words if w.startswith("--")]
     args = [w for w in words if not w.startswith("--")]
-    unknown = [f for f in flags if f != COMPROMISED]
+    unknown = [f for f in flags if f not in (COMPROMISED, CLEANUP)]
     if unknown:
-        return _usage("unknown-option", option=unknown[0], only=COMPROMISED)
+        return _usage("unknown-option", option=unknown[0], only=f"{COMPROMISED} or {CLEANUP}")
+    if len(set(flags)) > 1:
+        return _usage("one-flag", flags=f"{COMPROMISED} and {CLEANUP}")
     if not args or args[0].lower() == "help":
         return Command("help", reply=messages.help_text())
     verb, rest = args[0].lower(), args[1:]
     if flags and verb in ("plan", "status", "list", "cancel", "retry", "keys"):
-        return _usage("misplaced-flag", flag=COMPROMISED, verb=verb)
+        return _usage("misplaced-flag", flag=flags[0], verb=verb)
+    if CLEANUP in flags and verb in OTHER_KINDS:
+        return _usage("cleanup-apps")
     if verb == "list":
         return _usage("no-arguments", verb=verb, got=" ".join(rest)) if rest else \
             Command("list")
@@ -89,7 +94,7 @@ def parse(text: str, catalogue: Catalogue, kinds: Mapping[str, Any]) -> Command:
                                                        else None)
     if verb in OTHER_KINDS:
         return _other(verb, rest, flags, catalogue, kinds)
-    return _app_env("start", args, catalogue, kinds, compromised=bool(flags))
+    return _app_env("start", args, catalogue, kinds, flag=flags[0] if flags else None)
 
 
 def _with_id(verb: str, word: str) -> Command:
@@ -100,7 +105,7 @@ def _with_id(verb: str, word: str) -> Command:
 
 
 def _app_env(verb: str, rest: list[str], catalogue: Catalogue, kinds: Mapping[str, Any], *,
-             check_kind: bool = True, compromised: bool = False) -> Command:
+             check_kind: bool = True, flag: str | None = None) -> Command:
     shape = "APP ENV" if verb == "start" else f"{verb} APP ENV"
     if len(rest) < 2:
         if verb == "start" and rest and rest[0] not in catalogue.apps:
@@ -119,7 +124,7 @@ def _app_env(verb: str, rest: list[str], catalogue: Catalogue, kinds: Mapping[st
     kind = catalogue.app(app).engine
     if check_kind and kind not in kinds:
         return Command("unavailable", reply=messages.not_available(f"{app} {env}", kind))
-    params = {"compromised": True} if compromised else {}
+    params = {flag.removeprefix("--"): True} if flag else {}
     return Command(verb, kind=kind, target=app, env=env, params=params)
 
 

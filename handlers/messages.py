@@ -51,6 +51,7 @@ HELP = f"""\
 `{COMMAND} status [APP ENV | ID]` where a rotation is
 `{COMMAND} list` active and recent rotations
 `{COMMAND} cancel ID` stop a rotation, leaving the app on credentials that work
+`{COMMAND} APP ENV --cleanup` drop the users cancelled rotations left (after an approval)
 `{COMMAND} retry ID` run a rotation's failed step again
 `{COMMAND} key USER ENV` · `{COMMAND} keys [ENV]` · `{COMMAND} secret SECRET_ID ENV` · \
 `{COMMAND} admin DATABASE ENV` other runbooks
@@ -183,7 +184,10 @@ def _actions(*buttons: dict[str, Any]) -> dict[str, Any]:
 # What is wrong with a garbled /rotate, by name (handlers.commands fills in the values).
 # Values named in TYPED are what someone typed, and go through `escape`.
 PROBLEMS = {
-    "unknown-option": "unknown option {option} (the only option is {only})",
+    "unknown-option": "unknown option {option} (the options are {only})",
+    "one-flag": "{flags} do not go together",
+    "cleanup-apps": "--cleanup drops the database users a cancelled rotation of an app left: "
+                    "`/rotate APP ENV --cleanup`",
     "misplaced-flag": "{flag} goes with starting a rotation, not with `{verb}`",
     "no-arguments": "`{verb}` takes no arguments, got {got}",
     "one-id": "`{verb}` takes one rotation ID, like `{verb} 12`",
@@ -376,7 +380,8 @@ def _clip(text: str, limit: int = 240) -> str:
 @redacted
 def root(rotation: RotationRow) -> Message:
     head = (f"*Rotation #{rotation.id}: {rotation.target} in {rotation.env}* ({rotation.kind}"
-            f"{', compromised' if rotation.params.get('compromised') else ''})")
+            f"{', compromised' if rotation.params.get('compromised') else ''}"
+            f"{', cleanup' if rotation.params.get('cleanup') else ''})")
     state = f"{_rotation_symbol(rotation)} {phase_text(rotation)} · *{rotation.progress}*"
     started_by = f"Started by {user(rotation.initiator)} {when(rotation.created_at)}"
     checklist = "\n".join(_checklist_line(step) for step in rotation.steps)

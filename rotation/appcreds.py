@@ -147,6 +147,90 @@ def holders(facts: Facts) -> str:
                      if user)
 
 
+# -- cleaning up after a cancel ---------------------------------------------------------------
+#
+# A cancel never drops anything: it leaves the new user it made when nothing names it. A
+# cleanup (`rotor cleanup APP ENV`, `/rotate APP ENV --cleanup`) is a rotation of its own whose
+# one destructive step drops such users, after an approval bound to exactly those users and,
+# in production, the 2nd line notice and a second person.
+
+
+def named_users(ctx: Context, env: str | None = None) -> dict[str, list[str]]:
+    """username -> where a labelled version of the app's secret names it ("AWSPREVIOUS in
+    staging"), read now, for this environment and every environment restored from it."""
+    env = env or ctx.env
+    found: dict[str, list[str]] = {}
+    for where in (env, *ctx.catalogue.restored_into(env)):
+        t = target(ctx, where)
+        sm = secretsmanager(ctx, where)
+        for version, stages in sm_secrets.versions(sm, t.secret).items():
+            if not stages:
+                continue
+            user = (sm_secrets.read_json(sm, t.secret, version=version) or {}).get("username")
+            if user:
+                found.setdefault(str(user), []).extend(f"{s} in {where}" for s in stages)
+    return found
+
+
+def leftover_facts(ctx: Context, made: dict[str, int], mounted: dict[str, str],
+                   env: str | None = None) -> Facts:
+    """Which of the users Rotor made for the app (`made`: name -> sessions) nothing uses, read
+    now: no labelled version of the secret names it here or in a restored environment, no
+    Kubernetes Secret of the app's consumers holds it (`mounted`: where -> user) and it has
+    no sessions. Those are `seen["drop"]`; the others are kept, each with why."""
+    named = named_users(ctx, env)
+    drop, kept = [], {}
+    for user, sessions in sorted(made.items()):
+        held = named.get(user, []) + [where for where, u in mounted.items() if u == user]
+        if held:
+            kept[user] = ", ".join(held)
+        elif sessions:
+            kept[user] = f"{sessions} sessions"
+        else:
+            drop.append(user)
+    return Facts({"drop": drop, "kept": kept})
+
+
+def describe_leftovers(facts: Facts) -> str:
+    kept = "; ".join(f"{user} kept ({why})" for user, why in facts.seen["kept"].items())
+    if not facts.seen["drop"]:
+        return f"nothing to drop{'; ' + kept if kept else ''}"
+    return f"drop {', '.join(facts.seen['drop'])}: no version of the secret names it, no " \
+        f"Secret holds it, no sessions{'; ' + kept if kept else ''}"
+
+
+def mounted_users(ctx: Context, env: str | None = None) -> dict[str, str]:
+    """The user in the DATABASE_URL of the app's Kubernetes Secret, read now: pods restarted
+    before the next sync would log in with it."""
+    t = target(ctx, env)
+    kube = ctx.clients.kube(env or ctx.env)
+    status = kube.external_secret(t.namespace, t.external_secret)
+    user = kube.url_username(t.namespace, status.target_secret, t.secret_key)
+    return {f"Secret {t.namespace}/{status.target_secret}": user}
+
+
+def find_leftovers(ctx: Context, made: dict[str, int]) -> Outcome:
+    """Name what a cleanup would drop (read-only; the plan shows it)."""
+    facts = leftover_facts(ctx, made, mounted_users(ctx))
+    if not made:
+        return Done("Rotor made no user for this app that is still there; nothing to clean up")
+    return Done(describe_leftovers(facts))
+
+
+def drop_leftovers(ctx: Context, made: Callable[[], dict[str, int]],
+                   drop: Callable[[list[str]], None]) -> Outcome:
+    """Drop the users Rotor made that nothing uses, on an approval bound to exactly them."""
+    facts = leftover_facts(ctx, made(), mounted_users(ctx))
+    if not facts.seen["drop"]:
+        return Done(describe_leftovers(facts))
+    facts = ctx.act("drop-leftovers", lambda: leftover_facts(ctx, made(), mounted_users(ctx)),
+                    describe_leftovers, destructive=True)
+    if not facts.seen["drop"]:
+        return Done("nothing to drop")
+    drop(facts.seen["drop"])
+    return Done(f"dropped {', '.join(facts.seen['drop'])}")
+
+
 # -- steps ---------------------------------------------------------------------------------
 
 
@@ -250,5 +334,6 @@ def cancel(ctx: Context) -> str:
                          "names it, so do not drop it")
         else:
             parts.append(f"the unused new user {new} is left in place (no stage of the "
-                         "secret names it); drop it by hand; a later rotation picks a new name")
+                         f"secret names it); `rotor cleanup {ctx.target} {ctx.env}` or `/rotate "
+                         f"{ctx.target} {ctx.env} --cleanup` drops it after an approval")
     return "; ".join(parts)

@@ -258,6 +258,23 @@ def _key_facts(ctx: Context, key_id: str, action: str) -> Facts:
     return Facts(seen)
 
 
+def _left_by_cancels(ctx: Context) -> set[str]:
+    """The new keys of this user's cancelled rotations in this environment."""
+    return {str(r.data.get("new_key_id")) for r in ctx.engine.store.recent(50)
+            if (r.kind, r.target, r.env, r.status) == (ctx.rotation.kind, ctx.target, ctx.env,
+                                                       "cancelled")}
+
+
+def _held_by_the_secrets(ctx: Context) -> set[str]:
+    """The key IDs the catalogued secrets' AWSCURRENT holds, read now."""
+    sm, held = _sm(ctx), set()
+    for field in _places(ctx).secrets:
+        current = read_key_secret(sm, field)
+        if current:
+            held.add(str(current[0].get(field.key_id_field)))
+    return held
+
+
 def preflight(ctx: Context) -> Outcome:
     """Runbook 1, "Find users access key": every key with its age, status and last use.
 
@@ -272,6 +289,16 @@ def preflight(ctx: Context) -> Outcome:
         if not keys:
             raise StepFailed(f"{user} has no access key in {ctx.env}: nothing to rotate")
         if len(active) > 1:
+            held, left = _held_by_the_secrets(ctx), _left_by_cancels(ctx)
+            in_use = [k for k in active if k.id in held]
+            spare = [k for k in active
+                     if k.id not in held and k.id in left and k.last_used is None]
+            if len(in_use) == 1 and len(spare) == len(active) - 1:
+                # A cancelled rotation's never-used new key (the state DB says which: a hint;
+                # IAM and the secrets say it is unused): make-room deletes it on approval.
+                ctx.data["old_key_id"] = in_use[0].id
+                return Done(f"{user} in {ctx.env}: {listing}; rotating {in_use[0].id}, the "
+                            "key the secrets hold; the other was never used")
             raise StepFailed(
                 f"{user} has two active keys ({listing}): find where each is used "
                 "and remove one first; Rotor rotates one key at a time"
@@ -287,23 +314,45 @@ def preflight(ctx: Context) -> Outcome:
 
 
 def make_room(ctx: Context) -> Outcome:
-    """Runbook 3, "a maximum of 2 access keys": delete an inactive second key, on approval."""
+    """Runbook 3, "a maximum of 2 access keys": delete an inactive second key, on approval.
+
+    A second key that is active but was never used (a cancelled rotation's new key: a
+    cancel deactivates nothing, as that needs an approval) is deactivated, then deleted,
+    on one approval bound to it."""
     keys, old = _keys(ctx), ctx.data["old_key_id"]
     inactive = [k for k in keys if k.id != old and not k.active]
-    if not inactive:
+    unused = [k for k in keys if k.id != old and k.active and k.last_used is None]
+    if not inactive and not unused:
         return Skipped(f"{ctx.target} has no second key: there is room for the new one")
-    key = inactive[0]
-    ctx.act(
-        "delete-inactive",
-        lambda: _key_facts(ctx, key.id, "delete"),
-        lambda f: f"Delete the inactive key {_describe(key, ctx.now())} of {ctx.target} in "
-        f"{ctx.env}: a user has at most two keys and the new key needs the slot; no "
-        "secret's AWSCURRENT holds it",
-        destructive=True,
-    )
+    key = (inactive or unused)[0]
+    if key.active:
+        def read() -> Facts:
+            facts = _key_facts(ctx, key.id, "delete")
+            if facts.refused is None and facts.seen["last_used"] is not None:
+                return Facts(facts.seen, f"refusing to delete {key.id}: it was used "
+                                         f"{facts.seen['last_used']}; someone holds it")
+            return facts
+
+        ctx.act("delete-unused", read,
+                lambda f: f"Deactivate, then delete, the never-used active key "
+                f"{_describe(key, ctx.now())} of {ctx.target} in {ctx.env} (left by a "
+                "cancelled rotation): a user has at most two keys and the new key needs the "
+                "slot; no secret's AWSCURRENT holds it",
+                destructive=True)
+        if _find(_keys(ctx), key.id) is not None:
+            _set_status(_iam(ctx), ctx.target, key.id, INACTIVE)
+    else:
+        ctx.act(
+            "delete-inactive",
+            lambda: _key_facts(ctx, key.id, "delete"),
+            lambda f: f"Delete the inactive key {_describe(key, ctx.now())} of {ctx.target} in "
+            f"{ctx.env}: a user has at most two keys and the new key needs the slot; no "
+            "secret's AWSCURRENT holds it",
+            destructive=True,
+        )
     if not _delete_inactive(_iam(ctx), ctx.target, ctx.env, key.id):
-        return Done(f"inactive key {key.id} was already gone")
-    return Done(f"deleted the inactive key {key.id}")
+        return Done(f"key {key.id} was already gone")
+    return Done(f"deleted the {'unused' if key.active else 'inactive'} key {key.id}")
 
 
 def _catalogued(field: SecretField, name: str, arn: str) -> bool:
@@ -791,10 +840,12 @@ class IamKeyKind:
             if version:
                 sm_secrets.unstage(sm, field.id, "AWSPENDING", version)
         if new.last_used is None and new.active:
-            _set_status(_iam(ctx), ctx.target, new_id, INACTIVE)
+            # Deactivating needs an approval, and a cancel asks none: the key stays, unused
+            # and in no stage of any secret, until the next rotation's make-room step.
             return (
-                f"AWSPENDING removed and the unused new key {new_id} deactivated (the next "
-                f"rotation offers to delete it); {old_id} stays the key in use"
+                f"AWSPENDING removed; {old_id} stays the key in use; the new key {new_id} was "
+                "never used and is left active: the next rotation deactivates and deletes it "
+                "after an approval"
             )
         return f"AWSPENDING removed; {old_id} stays the key in use, {new_id} stays as it is"
 

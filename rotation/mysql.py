@@ -146,6 +146,11 @@ def redefine_objects(ctx: Context) -> Outcome:
     return Done(f"re-defined under the admin user: {names}{again}")
 
 
+def _prefix(ctx: Context) -> str:
+    """How the users a rotation makes are named: `signon_user_` + YYYYMMDD."""
+    return f"{ctx.target.replace('-', '_')}_user_"
+
+
 def create_user(ctx: Context) -> Outcome:
     """Runbook: "Create new user", with the password from AWSPENDING."""
     old, hosts = ctx.data["old_username"], ctx.data["hosts"]
@@ -153,7 +158,7 @@ def create_user(ctx: Context) -> Outcome:
         new = ctx.data.get("new_username")
         if new is None:
             info = mysql_db.server_info(conn)
-            base = f"{ctx.target.replace('-', '_')}_user_{ctx.today():%Y%m%d}"
+            base = f"{_prefix(ctx)}{ctx.today():%Y%m%d}"
             new = mysql_db.new_user_name(conn, base, info.max_user_length)
             ctx.data["new_username"] = new
             ctx.save()  # before anything exists under the name, so a resume finds it again
@@ -256,6 +261,35 @@ def drop_old_user(ctx: Context) -> Outcome:
     return Done(f"dropped {old} on {', '.join(hosts)}{forgotten}")
 
 
+def _made(ctx: Context, conn: pymysql.Connection) -> dict[str, int]:
+    """The users rotations made for the app that exist now, with their sessions."""
+    return {user: len(mysql_db.connection_ids(conn, user))
+            for user in mysql_db.users_made(conn, _prefix(ctx))}
+
+
+def find_leftovers(ctx: Context) -> Outcome:
+    """After a cancel: the users rotations made for the app, and which of them nothing uses."""
+    with admin(ctx) as conn:
+        return appcreds.find_leftovers(ctx, _made(ctx, conn))
+
+
+def drop_leftovers(ctx: Context) -> Outcome:
+    """Drop, on every host, the users rotations made that nothing uses (re-read first)."""
+    with admin(ctx) as conn:
+        def drop(users: list[str]) -> None:
+            for user in users:
+                mysql_db.drop_user(conn, user, mysql_db.user_hosts(conn, user))
+
+        return appcreds.drop_leftovers(ctx, lambda: _made(ctx, conn), drop)
+
+
+CLEANUP = [
+    Step("find-leftovers", "Find the users earlier rotations made that nothing uses",
+         find_leftovers),
+    Step("drop-leftovers", "Drop them", drop_leftovers, destructive=True),
+]
+
+
 class MySQLKind:
     """The ten steps of a MySQL application-credential rotation."""
 
@@ -270,6 +304,8 @@ class MySQLKind:
 
     def steps(self, catalogue: Catalogue, target: str, env: str,
               params: Mapping[str, Any]) -> list[Step]:
+        if params.get("cleanup"):
+            return CLEANUP
         return [
             Step("preflight", "Preflight: the app's user, hosts, grants, TLS and definer objects",
                  preflight),

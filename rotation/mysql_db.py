@@ -480,6 +480,19 @@ def new_user_name(conn: Connection, base: str, max_len: int) -> str:
     raise AssertionError("unreachable")
 
 
+def users_made(conn: Connection, prefix: str) -> list[str]:
+    """The users named as a rotation names them (`prefix` + YYYYMMDD, then `_2`, `_3`...;
+    `prefix` like `signon_user_`) that exist now."""
+    validate_account_name(prefix)
+    pattern = re.compile(re.escape(prefix) + r"[0-9]{8}(_[0-9]+)?")
+    sql = "SELECT DISTINCT User FROM mysql.user WHERE User LIKE %s"
+    if _flavor(conn) == "mariadb":
+        sql += " AND is_role = 'N'"
+    like = prefix.replace("_", "\\_") + "%"  # validated: no other LIKE wildcard in it
+    rows = _run(conn, sql, (like,), what=f"listing users named {prefix}…")
+    return sorted(str(row[0]) for row in rows if pattern.fullmatch(str(row[0])))
+
+
 def drop_user(conn: Connection, user: str, hosts: Sequence[str]) -> None:
     """Runbook "Delete the old users": DROP USER IF EXISTS on every host.
 

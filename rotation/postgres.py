@@ -505,6 +505,42 @@ def retire(ctx: Context, env: str | None = None) -> Outcome:
     return Done(f"{env}: {'; '.join(changes) or f'{old} is already gone'}{forgotten}")
 
 
+# -- cleaning up after a cancel --------------------------------------------------------
+
+
+def _made(ctx: Context, conn: postgres_db.Connection) -> dict[str, int]:
+    """The login roles rotations made for the app that exist now, with their sessions."""
+    return {user: len(postgres_db.session_pids(conn, user))
+            for user in postgres_db.users_made(conn, ctx.target)}
+
+
+def find_leftovers(ctx: Context) -> Outcome:
+    """After a cancel: the users rotations made for the app, and which of them nothing uses."""
+    with admin(ctx) as conn:
+        return appcreds.find_leftovers(ctx, _made(ctx, conn))
+
+
+def drop_leftovers(ctx: Context) -> Outcome:
+    """Retire the users rotations made that nothing uses: what they own goes to the owner
+    role (REASSIGN OWNED), then DROP OWNED and DROP USER, as `retire` does."""
+    owner_role = postgres_db.owner_role_name(ctx.target)
+    database = appcreds.app_secret(ctx)["dbname"]
+    with admin(ctx) as conn:
+        def drop(users: list[str]) -> None:
+            for user in users:
+                postgres_db.retire_user(conn, user, owner_role, database=database)
+
+        return appcreds.drop_leftovers(ctx, lambda: _made(ctx, conn), drop)
+
+
+CLEANUP = [
+    Step("find-leftovers", "Find the users earlier rotations made that nothing uses",
+         find_leftovers),
+    Step("drop-leftovers", "Retire them: REASSIGN OWNED, DROP OWNED, DROP USER", drop_leftovers,
+         destructive=True),
+]
+
+
 # -- the kind --------------------------------------------------------------------------
 
 
@@ -544,6 +580,8 @@ class PostgresKind:
     def steps(
         self, catalogue: Catalogue, target: str, env: str, params: Mapping[str, Any]
     ) -> list[Step]:
+        if params.get("cleanup"):
+            return CLEANUP
         copies = catalogue.restored_into(env)
         compromised = _compromised(params)
         steps = [

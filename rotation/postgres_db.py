@@ -272,6 +272,17 @@ def new_user_name(conn: Connection, app: str, day: date) -> str:
     return name
 
 
+def users_made(conn: Connection, app: str) -> list[str]:
+    """The login roles `new_user_name` made for `app` (`{app}-user-YYYYMMDD`, then `-2`...)
+    that exist now."""
+    prefix = f"{validate_role_name(app)}-user-"
+    pattern = re.compile(re.escape(prefix) + r"[0-9]{8}(-[0-9]+)?")
+    like = prefix.replace("_", "\\_") + "%"  # validated: no other LIKE wildcard in it
+    query = "SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname LIKE %s"
+    with _errors("users_made"):
+        return sorted(str(r[0]) for r in _rows(conn, query, (like,)) if pattern.fullmatch(r[0]))
+
+
 def memberships(conn: Connection, role: str) -> set[str]:
     """Roles `role` is a direct member of (pg_auth_members), as the runbook verifies."""
     query = """

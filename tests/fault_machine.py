@@ -58,7 +58,8 @@ class RotationMachine(RuleBasedStateMachine):
         self.rotation_id = 0
         self.rotations = 0
         self.moved_by_hand = False
-        self.cleaned = False
+        self.cleanups: set[int] = set()  # cleanup rotations, which make no user
+        self.judged: set[int] = set()
         TALLY["examples"] += 1
 
     def _worker(self, name: str) -> Worker:
@@ -129,6 +130,18 @@ class RotationMachine(RuleBasedStateMachine):
     def start_the_next_rotation(self) -> None:
         TALLY["rule start_the_next_rotation"] += 1
         self.start(self.env)
+
+    @precondition(lambda self: self.KIND in ("mysql", "postgres")
+                  and self.row().status == "cancelled")
+    @rule()
+    def clean_up_after_the_cancel(self) -> None:
+        """`rotor cleanup APP ENV`: a rotation of its own that drops what nothing uses."""
+        TALLY["rule clean_up_after_the_cancel"] += 1
+        row = self.engine.start(self.world.kind, self.world.target(), self.env, "alice",
+                                {"cleanup": True})
+        self.rotation_id = row.id
+        self.cleanups.add(row.id)
+        self.settle()
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -281,6 +294,14 @@ class RotationMachine(RuleBasedStateMachine):
             self.referee.violation(
                 "current-after-manual-move" if self.moved_by_hand else "current", why)
         made = self.world.made()
+        row = self.row()
+        if row.id in self.cleanups and row.status == "done" and row.id not in self.judged:
+            self.judged.add(row.id)
+            TALLY["cleanups done"] += 1
+            left = self.world.left_behind()
+            if left:
+                self.referee.violation("left-behind", f"after cleanup #{row.id}, nothing uses "
+                                                      f"{sorted(left)} and it is still there")
         if len(made) > self.rotations:
             self.referee.violation("one-new-user", f"{len(made)} new users or keys for "
                                                    f"{self.rotations} rotations")

@@ -15,6 +15,7 @@ worker paused past its lease (its thread blocks at a side effect, its heartbeat 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -313,6 +314,9 @@ class FaultWorld:
         """The users or keys that exist now and did not before the example."""
         raise NotImplementedError
 
+    def left_behind(self) -> set[str]:
+        raise NotImplementedError
+
     def secrets(self) -> list[str]:
         raise NotImplementedError
 
@@ -377,6 +381,21 @@ class DatabaseWorld(FaultWorld):
 
     def made(self) -> set[str]:
         return self._logins() - self.before
+
+    def left_behind(self) -> set[str]:
+        """Users made here that nothing uses: no labelled version of the secret names them and
+        no Kubernetes Secret holds them (what a finished cleanup must have dropped)."""
+        sm, secret = self.rig.sm(), self.rig.secret_id()
+        named = set()
+        for version in sm.list_secret_version_ids(SecretId=secret)["Versions"]:
+            if version.get("VersionStages"):
+                text = sm.get_secret_value(SecretId=secret, VersionId=version["VersionId"])
+                named.add(json.loads(text["SecretString"]).get("username"))
+        with self.rig.kube._lock:
+            mounted = " ".join(base64.b64decode(value).decode()
+                               for obj in self.rig.kube._secrets.values()
+                               for value in (obj.get("data") or {}).values())
+        return {user for user in self.made() - named if f"//{user}:" not in mounted}
 
     def secrets(self) -> list[str]:
         sm = self.rig.sm()

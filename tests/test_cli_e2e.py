@@ -173,3 +173,37 @@ def test_production_without_slack_or_a_word_from_the_operator_drops_nothing(worl
     assert proc.returncode == 1
     assert "stopped at drop-old-user: 2nd line must be told" in err
     assert world.box.app_user in world.users()  # the old user is still there
+
+
+def test_cleanup_drops_a_user_nothing_uses_and_keeps_the_one_in_use(world):
+    leftover = f"{world.app}_user_20200101"
+    with world.box.root().cursor() as cur:
+        cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'x-unused-1'", (leftover,))
+    assert rotor(world, "rotate", world.app, "staging", "--yes").returncode == 0
+    in_use = world.current()["username"]
+    assert {leftover, in_use} <= world.users()
+
+    result = rotor(world, "cleanup", world.app, "staging", "--yes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"dropped {leftover}" in result.stdout
+    assert f"{in_use} kept (AWSCURRENT in staging" in result.stdout
+    assert world.users() == {world.box.admin_user, in_use}
+    world.login(world.current())
+
+
+def test_cleanup_while_a_rotation_is_active_is_refused(world):
+    proc = subprocess.Popen(world.rotor() + ["rotate", world.app, "production"],
+                            env={**world.env(), **operator_env("alice")}, cwd=world.workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: _statuses_while_running(world, proc),
+                 lambda statuses: "needs-approval" in statuses.values(),
+                 what="a gate to open")
+        result = rotor(world, "cleanup", world.app, "production")
+        assert result.returncode == 1
+        assert result.stderr.startswith("rotor: rotation #1 of ") and \
+            f"(rotor rotate {world.app} production)" in result.stderr
+        assert result.stderr.count("\n") == 1
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)

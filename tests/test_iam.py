@@ -363,6 +363,24 @@ def test_an_inactive_second_key_is_deleted_on_approval_to_make_room(world):
     assert set(world.keys("staging")) == {old["AccessKeyId"], row.data["new_key_id"]}
 
 
+def test_the_key_a_cancel_left_is_deactivated_then_deleted_by_the_next_rotation(world, monkeypatch):
+    """What a cancel leaves: the next rotation deactivates and deletes it, on one approval."""
+    test_cancel_before_promote_leaves_the_old_key_in_use(world, monkeypatch)
+    monkeypatch.undo()
+    old = world.current("staging")["access_key_id"]
+    spare = next(k for k in world.keys("staging") if k != old)
+    rid = world.start("staging")
+    row = world.advance(rid)
+    assert f"rotating {old}, the key the secrets hold" in row.step("preflight").result
+    assert at(row) == ("make-room", "needs-approval") and row.current.gate_destructive
+    assert f"Deactivate, then delete, the never-used active key {spare}" in \
+        row.current.gate_summary
+    assert world.keys("staging")[spare] == "Active"  # nothing before the approval
+    row = world.approve(rid)
+    assert row.step("make-room").result == f"deleted the unused key {spare}"
+    assert set(world.keys("staging")) == {old, row.data["new_key_id"]}
+
+
 # -- where is the key used ---------------------------------------------------------------------
 
 
@@ -622,7 +640,10 @@ def test_cancel_before_promote_leaves_the_old_key_in_use(world, monkeypatch):
     new_id = row.data["new_key_id"]
     row = world.engine.cancel(rid, "U0ALICE")
     assert row.status == "cancelled"
-    assert world.keys("staging") == {old["AccessKeyId"]: "Active", new_id: "Inactive"}
+    # Nothing deactivated without an approval: the unused key waits for the next rotation.
+    assert world.keys("staging") == {old["AccessKeyId"]: "Active", new_id: "Active"}
+    assert "left active: the next rotation deactivates and deletes it" in [
+        a.detail for a in world.store.audit_rows(rid) if a.event == "cancelled"][0]
     assert world.current("staging")["access_key_id"] == old["AccessKeyId"]
     stages = sm_secrets.versions(world.sm("staging"), SECRET)
     assert all("AWSPENDING" not in s for s in stages.values())

@@ -43,6 +43,7 @@ ARGS = {"key": "alice staging", "secret": "govuk/x staging", "admin": "whitehall
     ("  Signon   PRODUCTION ", "start", {"target": "signon", "env": "production"}),
     ("signon production --compromised", "start", {"params": {"compromised": True}}),
     ("--compromised signon production", "start", {"params": {"compromised": True}}),
+    ("signon production --cleanup", "start", {"kind": "mysql", "params": {"cleanup": True}}),
 ])
 def test_the_grammar(text, verb, fields):
     command = parse(text, CATALOGUE, KINDS)
@@ -69,6 +70,8 @@ def test_the_grammar(text, verb, fields):
     ("cancel abc", "`abc` is not a rotation ID"),
     ("status 1e3", "`1e3` is not a rotation ID"),
     ("signon staging --force", "unknown option `--force`"),
+    ("signon staging --cleanup --compromised", "--compromised and --cleanup do not go together"),
+    ("key bob staging --cleanup", "`/rotate APP ENV --cleanup`"),
     ("status --compromised", "--compromised goes with starting a rotation"),
     ("key", "`key USER ENV` needs USER and ENV"),
     ("key al;ce staging", "`al;ce` is not a valid USER"),
