@@ -71,6 +71,8 @@ def main() -> int:
     ended = sorted((k, v) for k, v in tally.items() if k.startswith("ended "))
     for key, value in ended:
         print(f"  {key}: {value}")
+    print(f"cleanups finished and judged: {tally['cleanups done']}; Slack calls scanned for "
+          f"secrets: {tally['slack calls']}")
     print("faults injected by type:")
     for fault, count in sorted(fault_machine.FAULTS.items()):
         print(f"  {fault}: {count}")

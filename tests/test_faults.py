@@ -129,3 +129,45 @@ def test_a_retried_destructive_step_asks_again(tmp_path):
         engine.retry(rotation.id, "alice")
         engine.advance(rotation.id)
     assert referee.violations == []
+
+
+def test_the_machine_scans_every_slack_call_the_reporter_makes():
+    """A leak planted in the reporter's calls (below Rotor's redaction) fails the example."""
+    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    class Leaky(fault_machine.machine("mysql")):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            leaked, send = self.world.rig.box.app_password, self.reporter._call
+
+            def leaking(method, **kwargs):
+                return send(method, **{**kwargs, "text": f"{kwargs.get('text', '')} {leaked}"})
+
+            self.reporter._call = leaking  # type: ignore[method-assign]
+
+    with pytest.raises(AssertionError, match="a secret value is in the Slack"):
+        run_state_machine_as_test(Leaky, settings=settings(
+            max_examples=1, stateful_step_count=2, deadline=None, database=None,
+            phases=[Phase.generate], suppress_health_check=list(HealthCheck)))
+
+
+def test_the_machine_flags_a_user_a_finished_cleanup_left(monkeypatch):
+    """A cleanup that drops nothing, with a user nothing uses: the invariant fails."""
+    from rotation import mysql_db
+
+    monkeypatch.setattr(mysql_db, "drop_user", lambda conn, user, hosts: None)
+    machine = fault_machine.machine("mysql")()
+    try:
+        machine.start("staging")
+        with machine.world.rig.box.root().cursor() as cur:
+            cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'x-unused-1'",
+                        (f"{machine.world.rig.app}_user_20200101",))
+        machine.cancel("alice", True)
+        machine.clean_up_after_the_cancel()
+        machine.approve("bob")
+        assert machine.row().status == "done"
+        with pytest.raises(AssertionError, match="left-behind: after cleanup"):
+            machine.the_safety_rules_hold()
+    finally:
+        machine.teardown()
