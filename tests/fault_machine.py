@@ -8,7 +8,12 @@ Hypothesis and printed as the sequence of actions, with the seed that replays it
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -37,6 +42,7 @@ from tests.faults import FaultWorld, Killed, Worker, make_world
 KINDS = ("mysql", "postgres", "iam-key", "secret")
 PEOPLE = st.sampled_from(["alice", "bob", "carol"])  # alice starts every rotation
 
+REPO = Path(__file__).resolve().parent.parent
 # Totals over every example this process ran (benchmarks/soak.py prints them).
 TALLY: Counter[str] = Counter()
 FAULTS: Counter[str] = Counter()
@@ -183,6 +189,31 @@ class RotationMachine(RuleBasedStateMachine):
         TALLY["rule sigkill_a_worker_at_a_side_effect"] += 1
         self.referee.kill_at[self.workers[index].engine.worker_id] = at
         self.advance(index)
+
+    @precondition(lambda self: self.KIND != "secret")  # its rotation function lives here
+    @rule(at=st.integers(1, 12))
+    def sigkill_a_worker_process_at_a_side_effect(self, at: int) -> None:
+        """A real SIGKILL: a worker process of its own (tests/fault_process.py) is killed by
+        the kernel at its `at`-th side effect, its lease left held and its pid gone."""
+        TALLY["rule sigkill_a_worker_process_at_a_side_effect"] += 1
+        report = self.dir / f"process-{TALLY['actions']}.jsonl"
+        TALLY["actions"] += 1
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.fault_process", str(self.rotation_id), str(at),
+             repr(self.world.clock()), str(report)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+            text=True, timeout=300)
+        if done.returncode == -signal.SIGKILL:
+            self.referee.faults["sigkill-process"] += 1
+        elif done.returncode != 0:
+            raise AssertionError(f"the worker process failed: {done.stderr[-2000:]}")
+        for line in report.read_text().splitlines() if report.exists() else []:
+            said = json.loads(line)
+            if "violation" in said:
+                self.referee.violations.append(said["violation"])
+            elif "log" in said:
+                self.world.logs.lines.append(said["log"])
+        self.settle()
 
     @rule(at=st.integers(1, 12), cancel=st.booleans())
     def pause_a_worker_past_its_lease(self, at: int, cancel: bool) -> None:

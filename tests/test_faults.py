@@ -171,3 +171,26 @@ def test_the_machine_flags_a_user_a_finished_cleanup_left(monkeypatch):
             machine.the_safety_rules_hold()
     finally:
         machine.teardown()
+
+
+def test_a_worker_process_sigkilled_at_a_side_effect_is_taken_over():
+    """The kernel kills a worker process mid-step; its lease is left held; another worker
+    sees the holder is dead, takes over at once and finishes, and the invariants hold."""
+    machine = fault_machine.machine("mysql")()
+    try:
+        machine.start("staging")
+        machine.sigkill_a_worker_process_at_a_side_effect(3)
+        assert machine.referee.faults["sigkill-process"] == 1
+        row = machine.row()
+        assert row.status == "active" and row.done_count >= 1
+        machine.the_safety_rules_hold()
+        for _ in range(6):
+            machine.approve("bob")
+            if machine.row().status != "active":
+                break
+            machine.time_passes(3600.0)
+        assert machine.row().status == "done", [(s.name, s.status, s.error)
+                                                for s in machine.row().steps]
+        machine.the_safety_rules_hold()
+    finally:
+        machine.teardown()
