@@ -73,6 +73,11 @@ def main() -> int:
         print(f"  {key}: {value}")
     print(f"cleanups finished and judged: {tally['cleanups done']}; Slack calls scanned for "
           f"secrets: {tally['slack calls']}")
+    for key, value in sorted(tally.items()):
+        if key.startswith("rule "):
+            print(f"  {key}: {value}")
+    survived = tally["worker processes that ran out of side effects before the kill"]
+    print(f"worker processes that ran out of side effects before their kill: {survived}")
     print("faults injected by type:")
     for fault, count in sorted(fault_machine.FAULTS.items()):
         print(f"  {fault}: {count}")

@@ -134,6 +134,14 @@ class RotationMachine(RuleBasedStateMachine):
                 return
             self.world.clock.advance(max(0.0, due) + 0.01)
 
+    def _has_work(self) -> bool:
+        """The rotation has a step to run now (a worker started now would act)."""
+        row = self.row()
+        step = row.current
+        return row.status == "active" and step is not None and (
+            step.status in ("pending", "running") or row.cancel_requested_by is not None
+            or (step.status == "waiting" and (step.next_check_at or 0) <= self.world.clock()))
+
     def _current(self) -> Any:
         row = self.row()
         return row, row.current
@@ -184,18 +192,21 @@ class RotationMachine(RuleBasedStateMachine):
 
     # Faults are armed until a side effect meets them, perhaps several actions later.
 
-    @rule(at=st.integers(1, 12), index=st.integers(0, 1))
-    def sigkill_a_worker_at_a_side_effect(self, at: int, index: int) -> None:
+    @rule(at=st.integers(1, 12), index=st.integers(0, 1), in_a_process=st.booleans())
+    def sigkill_a_worker_at_a_side_effect(self, at: int, index: int,
+                                          in_a_process: bool) -> None:
         TALLY["rule sigkill_a_worker_at_a_side_effect"] += 1
+        # The secret kind's rotation function is played in this process: no worker elsewhere.
+        if in_a_process and self.KIND != "secret" and self._has_work():
+            self.sigkill_a_worker_process_at_a_side_effect(1 + at // 2)
+            return
         self.referee.kill_at[self.workers[index].engine.worker_id] = at
         self.advance(index)
 
-    @precondition(lambda self: self.KIND != "secret")  # its rotation function lives here
-    @rule(at=st.integers(1, 12))
     def sigkill_a_worker_process_at_a_side_effect(self, at: int) -> None:
         """A real SIGKILL: a worker process of its own (tests/fault_process.py) is killed by
         the kernel at its `at`-th side effect, its lease left held and its pid gone."""
-        TALLY["rule sigkill_a_worker_process_at_a_side_effect"] += 1
+        TALLY["sigkill a worker process"] += 1
         report = self.dir / f"process-{TALLY['actions']}.jsonl"
         TALLY["actions"] += 1
         done = subprocess.run(
@@ -205,7 +216,9 @@ class RotationMachine(RuleBasedStateMachine):
             text=True, timeout=300)
         if done.returncode == -signal.SIGKILL:
             self.referee.faults["sigkill-process"] += 1
-        elif done.returncode != 0:
+        elif done.returncode == 0:
+            TALLY["worker processes that ran out of side effects before the kill"] += 1
+        else:
             raise AssertionError(f"the worker process failed: {done.stderr[-2000:]}")
         for line in report.read_text().splitlines() if report.exists() else []:
             said = json.loads(line)
