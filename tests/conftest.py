@@ -61,6 +61,16 @@ def world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield r
 
 
+@pytest.fixture
+def postgres_world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A PostgreSQL rig (tests/rig.py), with this process's Rotor pointed at it."""
+    from tests.rig import point_at, rig
+
+    with rig("postgres", tmp_path) as r:
+        point_at(r, monkeypatch)
+        yield r
+
+
 @pytest.fixture(scope="module")
 def slack() -> Iterator[Any]:
     """A fake Slack Web API for one test module's `rotor serve` (tests/slackbot.py)."""
