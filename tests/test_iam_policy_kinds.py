@@ -125,7 +125,7 @@ def test_a_database_rotation_runs_under_only_the_generated_policy(request, enfor
 
 @pytest.mark.parametrize(("engine_name", "dropped", "step"), [
     ("mysql", "secretsmanager:UpdateSecretVersionStage", "promote"),
-    ("postgres", "secretsmanager:PutSecretValue", "stage-new"),
+    ("postgres", "secretsmanager:PutSecretValue", "create-user"),
 ])
 def test_a_database_rotation_without_one_needed_action_stops_before_any_harm(
         request, enforce, engine_name, dropped, step) -> None:
