@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -197,16 +198,35 @@ def _account(catalogue: Catalogue, env: str) -> str:
     return role.split(":")[4] if role else DEFAULT_ACCOUNT
 
 
+ROTOR_CODE = tuple(str(Path(__file__).resolve().parent.parent / part) + os.sep
+                   for part in ("rotation", "bot"))
+
+
+def _rotor_caller() -> str | None:
+    """Where in Rotor's code the call was made (path:line), or None when the first caller
+    outside boto3 is a test seeding or inspecting its world through Rotor's clients."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if f"{os.sep}site-packages{os.sep}" not in path and path != __file__:
+            if path.startswith(ROTOR_CODE):
+                return f"{os.path.relpath(path, ROTOR_CODE[0] + '..')}:{frame.f_lineno}"
+            return None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def _log(client: Any, model: Any, params: dict[str, Any]) -> None:
     path = os.environ.get(LOG_ENV)
-    if not path:
+    caller = _rotor_caller() if path else None
+    if not path or caller is None:
         return
     prefix = model.service_model.signing_name
     action = f"{prefix}:{model.name}"
     env, policy, account = getattr(client, "_rotor_policy", (None, None, DEFAULT_ACCOUNT))
     where = resource(client.meta.region_name, account, prefix, params)
     entry = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
-             "action": action, "resource": where, "env": env,
+             "caller": caller, "action": action, "resource": where, "env": env,
              "refused": None if policy is None else refused_by(policy, where, action)}
     with open(path, "a") as log:
         log.write(json.dumps(entry) + "\n")
@@ -234,8 +254,8 @@ def refused(entries: list[dict[str, Any]]) -> list[str]:
     problems = set()
     for entry in entries:
         if entry["refused"] or (entry["refused"] is None and entry["action"] not in kinds):
-            problems.add(f"{entry['action']} on {entry['resource']} (env {entry['env']}, "
-                         f"{entry['test']})")
+            problems.add(f"{entry['action']} on {entry['resource']} by {entry['caller']} "
+                         f"(env {entry['env']}, {entry['test']})")
     return sorted(problems)
 
 

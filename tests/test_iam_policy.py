@@ -18,8 +18,10 @@ from moto import settings as moto_settings
 from moto.ecs.models import ecs_backends
 
 from bot.cli import main
-from rotation import iam, iam_policy
+from rotation import iam, iam_policy, secrets
 from rotation.catalogue import parse
+from rotation.errors import SecretError
+from tests import aws_calls
 from tests.aws_calls import Recorder, moto_policy, without
 from tests.test_iam import STAGING_ACCOUNT, USER, World, at
 
@@ -163,3 +165,48 @@ def test_roles_and_keys_are_granted_where_set() -> None:
         f"arn:aws:iam::111111111111:user/{USER}",)
     assert "AssumeTheEnvironmentsRole" not in {
         g.sid for g in iam_policy.grants(parse(CONFIG), "staging")}
+
+
+# -- the suite-wide record (tests/aws_calls.py, checked when the session ends) ------------
+
+
+def _logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, work: Any) -> list[dict[str, Any]]:
+    log = tmp_path / "calls.jsonl"  # this test's own log: its refusals are on purpose
+    monkeypatch.setenv(aws_calls.LOG_ENV, str(log))
+    with mock_aws():
+        world = World(tmp_path, CONFIG)
+        world.seed("staging")  # the test's own calls through Rotor's clients: not Rotor's
+        work(world)
+    return aws_calls.read(log)
+
+
+def test_every_call_rotors_code_makes_is_checked_against_its_catalogues_policy(
+        tmp_path, monkeypatch) -> None:
+    def work(world: World) -> None:
+        iam.key_age_report(world.clients, world.catalogue, "staging", world.clock(),
+                           wait=lambda _: None)
+        with pytest.raises(SecretError):  # recorded before it is sent
+            secrets.put_current(world.sm("staging"), "govuk/not-catalogued", {"a": "b"})
+
+    entries = _logged(tmp_path, monkeypatch, work)
+    assert {(e["action"], e["caller"].split(":")[0], e["refused"]) for e in entries} == {
+        ("iam:GenerateCredentialReport", "rotation/iam.py", False),
+        ("iam:GetCredentialReport", "rotation/iam.py", False),
+        ("secretsmanager:PutSecretValue", "rotation/secrets.py", True)}
+    assert [p.split(" by ")[0] for p in aws_calls.refused(entries)] == [
+        "secretsmanager:PutSecretValue on arn:aws:secretsmanager:eu-west-1:123456789012:"
+        "secret:govuk/not-catalogued-AbCdEf"]
+
+
+def test_the_record_refuses_a_call_once_the_generator_drops_its_action(tmp_path,
+                                                                       monkeypatch) -> None:
+    generate = iam_policy.grants
+    monkeypatch.setattr(iam_policy, "grants", lambda catalogue, env: [
+        iam_policy.Grant(g.sid, tuple(a for a in g.actions if a != "iam:GetCredentialReport"),
+                         g.resources) for g in generate(catalogue, env)])
+    entries = _logged(tmp_path, monkeypatch, lambda world: iam.key_age_report(
+        world.clients, world.catalogue, "staging", world.clock(), wait=lambda _: None))
+    assert [p.split(" by ")[0] for p in aws_calls.refused(entries)] == [
+        "iam:GetCredentialReport on *"]
+    assert "iam:GetCredentialReport" not in aws_calls.unused(entries)
+    assert "secretsmanager:RotateSecret" in aws_calls.unused(entries)
