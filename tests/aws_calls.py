@@ -99,6 +99,17 @@ class Recorder:
         return sorted({(action, where) for action, where in self.calls
                        if refused_by(policy, where, action)})
 
+    def unused(self, policy: dict[str, Any]) -> set[tuple[str, str]]:
+        """(Sid, action) of every grant no call used on any of that statement's resources."""
+        found = set()
+        for statement in policy["Statement"]:
+            alone = {**policy, "Statement": [statement]}
+            for action in statement["Action"]:
+                if not any(a == action and iam_policy.allowed(alone, a, r)
+                           for a, where in self.calls for r in where.split(",")):
+                    found.add((statement["Sid"], action))
+        return found
+
 
 def moto_policy(policy: dict[str, Any]) -> dict[str, Any]:
     """The generated policy's actions, every resource "*" (moto matches resources to "*")."""
@@ -189,7 +200,7 @@ def install() -> None:
         return client
 
     fenced_client.recorded = True  # type: ignore[attr-defined]
-    aws.fenced_client = fenced_client  # type: ignore[assignment]
+    aws.fenced_client = fenced_client
     Clients.aws = clients_aws  # type: ignore[method-assign]
 
 

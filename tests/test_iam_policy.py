@@ -100,6 +100,7 @@ def test_a_key_rotation_runs_under_only_the_generated_policy(tmp_path, monkeypat
                     "ecs:UpdateService", "iam:GenerateCredentialReport"}, made
     granted = {a for s in policy["Statement"] for a in s["Action"]}
     assert granted == made, "the policy grants actions the rotation never used"
+    assert recorder.unused(policy) == set(), "a statement grants what no call used on it"
 
 
 @pytest.mark.parametrize("dropped", ["iam:DeleteAccessKey", "secretsmanager:PutSecretValue",
