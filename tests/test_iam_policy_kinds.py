@@ -52,7 +52,6 @@ class Run:
         return self.engine.start(kind, target, ENV, "alice").id
 
 
-
 @pytest.fixture
 def enforce(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
