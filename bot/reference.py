@@ -25,6 +25,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ROTOR_LOG_LEVEL": ("INFO", "Log level; DEBUG adds the traces of expected failures."),
     "ROTOR_LOG_FORMAT": ("text", "`json`: one JSON object a line, with `rotation_id` and `step` "
                                  "on a step's lines."),
+    "ROTOR_TEST_AWS_LOG": ("", "Tests: the file every AWS call Rotor's clients make is logged "
+                           "to (the IAM policy check)."),
     "ROTOR_TEST_KUBE_LOG": ("", "Tests: the file the fake Kubernetes API logs every call to "
                                 "(the RBAC check)."),
     "ROTOR_BIND": ("0.0.0.0", "Address `rotor serve` listens on in HTTP mode."),

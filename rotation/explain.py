@@ -26,6 +26,11 @@ _PERFORM = re.compile(r"not authorized to perform:? (\S+?)(?: on resource:? (\S+
                       r"(?: because|\.?$|\s)")
 
 
+def _tag(name: str, text: str) -> str | None:
+    found = re.search(f"<{name}>([^<]*)</{name}>", text)
+    return found.group(1).strip() if found else None
+
+
 def _in(env: str | None) -> str:
     return f" for {env}" if env else ""
 
@@ -65,6 +70,8 @@ def _aws(exc: BaseException, env: str | None, botocore: Any) -> str | None:
         return None
     error = exc.response.get("Error", {})
     code, message = str(error.get("Code", "")), " ".join(str(error.get("Message", "")).split())
+    if code.isdigit():  # a body the client could not parse (an emulator's or a proxy's XML)
+        code, message = _tag("Code", message) or code, _tag("Message", message) or message
     operation = getattr(exc, "operation_name", "") or "the call"
     if code in EXPIRED:
         return (f"the AWS credentials{_in(env)} have expired ({code}): renew them (`aws sso "

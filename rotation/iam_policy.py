@@ -1,7 +1,9 @@
 """`rotor iam-policy ENV`: the least-privilege IAM policy for one environment's catalogue.
 
 Each statement names the resources the catalogue lists: the secrets Rotor reads and writes
-(by ARN pattern: Secrets Manager appends six random characters to a secret's name), the IAM
+(by ARN pattern: Secrets Manager appends six random characters to a secret's name; admin
+secrets are only read, backup secrets read and overwritten, app secrets and the secrets holding
+keys staged and promoted), the IAM
 users whose keys it rotates, the ECS services it redeploys. The credential report and
 ListSecrets cannot be limited to resources. The where-used scan of an IAM key reads every
 secret's value unless the environment sets `where_used_prefix`. A role to assume
@@ -55,7 +57,8 @@ def grants(catalogue: Catalogue, env: str) -> list[Grant]:
     def arns(names: set[str]) -> tuple[str, ...]:
         return tuple(secret_arn(region, account, n) for n in sorted(names))
 
-    written: set[str] = set()  # app secrets, the backup secret, secrets holding keys
+    written: set[str] = set()  # app secrets, secrets holding keys: staged, then promoted
+    rewritten: set[str] = set()  # backup secrets: read, then a new AWSCURRENT written
     read_only: set[str] = set()  # admin secrets
     rotated: set[str] = set()  # secrets with a rotation function
     for app_name in catalogue.apps:
@@ -63,7 +66,7 @@ def grants(catalogue: Catalogue, env: str) -> list[Grant]:
         written.add(target.secret)
         read_only.add(target.admin_secret)
     for database in catalogue.databases.values():
-        written.add(database.backup_secret)
+        rewritten.add(database.backup_secret)
     users: list[str] = []
     services: set[tuple[str, str]] = set()
     for user_name, user in catalogue.iam_users.items():
@@ -76,12 +79,15 @@ def grants(catalogue: Catalogue, env: str) -> list[Grant]:
         if env in managed.environments:
             rotated.add(secret_id)
             services.update((s.cluster, s.service) for s in managed.environments[env].ecs_services)
-    read_only -= written
+    rewritten -= written
+    read_only -= written | rewritten
     found = []
     if written:
         found.append(Grant("SecretsRotorWrites", READ + WRITE, arns(written)))
+    if rewritten:
+        found.append(Grant("BackupSecretsRotorRewrites", (READ[0], WRITE[0]), arns(rewritten)))
     if read_only:
-        found.append(Grant("AdminSecretsRotorReads", READ, arns(read_only)))
+        found.append(Grant("AdminSecretsRotorReads", READ[:1], arns(read_only)))
     if rotated:
         found.append(Grant("SecretsWithRotationFunctions", READ + ROTATE + WRITE[1:],
                            arns(rotated)))

@@ -204,7 +204,7 @@ def rotate(ctx: Context) -> Outcome:
             error = exc.response.get("Error", {})
             raise SecretError(
                 f"secret {secret_id}: rotate_secret refused: "
-                f"{error.get('Code', '')} {error.get('Message', '')}".strip()
+                " ".join(f"{error.get('Code', '')} {error.get('Message', '')}".split())
             ) from None
         if response.get("VersionId") != token:
             raise StepFailed(

@@ -61,6 +61,16 @@ def world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield r
 
 
+@pytest.fixture
+def postgres_world(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A PostgreSQL rig (tests/rig.py), with this process's Rotor pointed at it."""
+    from tests.rig import point_at, rig
+
+    with rig("postgres", tmp_path) as r:
+        point_at(r, monkeypatch)
+        yield r
+
+
 @pytest.fixture(scope="module")
 def slack() -> Iterator[Any]:
     """A fake Slack Web API for one test module's `rotor serve` (tests/slackbot.py)."""
@@ -101,7 +111,8 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return str(request.getfixturevalue("postgres_state"))
 
 
-# -- every Kubernetes call the suite makes, checked against `rotor rbac` (tests/kube_calls.py) --
+# -- every Kubernetes call the suite makes, checked against `rotor rbac` (tests/kube_calls.py),
+# -- and every AWS call Rotor's clients make, against `rotor iam-policy` (tests/aws_calls.py) --
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 _deselected: list[Any] = []
@@ -109,12 +120,15 @@ _deselected: list[Any] = []
 
 def pytest_configure(config: pytest.Config) -> None:
     from demo.kube_api import CALL_LOG_ENV
+    from tests import aws_calls
 
-    if not os.environ.get(CALL_LOG_ENV) and not hasattr(config, "workerinput"):
-        import tempfile
+    for env, prefix in ((CALL_LOG_ENV, "rotor-kube-calls-"),
+                        (aws_calls.LOG_ENV, "rotor-aws-calls-")):
+        if not os.environ.get(env) and not hasattr(config, "workerinput"):
+            import tempfile
 
-        log = os.path.join(tempfile.mkdtemp(prefix="rotor-kube-calls-"), "calls.jsonl")
-        os.environ[CALL_LOG_ENV] = log
+            os.environ[env] = os.path.join(tempfile.mkdtemp(prefix=prefix), "calls.jsonl")
+    aws_calls.install()  # every process, xdist's workers included: they share the file
 
 
 def pytest_deselected(items: list[Any]) -> None:
@@ -130,16 +144,27 @@ def _whole_suite(session: pytest.Session) -> bool:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from demo.kube_api import CALL_LOG_ENV
-    from tests import kube_calls
+    from tests import aws_calls, kube_calls
 
     entries = kube_calls.read(os.environ.get(CALL_LOG_ENV, ""))
     problems = [f"refused by `rotor rbac`: {p}" for p in kube_calls.refused(entries)]
     if _whole_suite(session) and entries:
         problems += [f"granted by `rotor rbac` but never used: {p}"
                      for p in kube_calls.unused(entries)]
+    report(session, "Kubernetes calls vs the generated RBAC:", problems)
+
+    # -- every AWS call Rotor's clients made, checked against `rotor iam-policy` --
+    calls = aws_calls.read(os.environ.get(aws_calls.LOG_ENV, ""))
+    problems = [f"refused by `rotor iam-policy`: {p}" for p in aws_calls.refused(calls)]
+    if _whole_suite(session) and calls:
+        problems += [f"granted by `rotor iam-policy` but never called: {p}"
+                     for p in aws_calls.unused(calls)]
+    report(session, "AWS calls vs the generated IAM policy:", problems)
+
+
+def report(session: pytest.Session, title: str, problems: list[str]) -> None:
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        text = "\n".join(["Kubernetes calls vs the generated RBAC:", *problems])
         if reporter is not None:
-            reporter.write_line(text, red=True)
+            reporter.write_line("\n".join([title, *problems]), red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

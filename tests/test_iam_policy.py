@@ -1,11 +1,7 @@
 """`rotor iam-policy ENV`: a whole IAM key rotation runs as a principal holding only the
-generated policy, with moto enforcing IAM, and every AWS operation it makes (recorded from
-botocore's events: before-parameter-build carries the API parameters, where before-call has
-the serialised request) is allowed by the policy, resources included.
-
-moto checks a request's action against the principal's policies but compares resources with
-"*" only, so moto gets the policy's actions and the recorder here checks each call's resource
-against the generated ARN patterns.
+generated policy, with moto enforcing IAM, and every AWS operation it makes is allowed by the
+policy, resources included (tests/aws_calls.py records them). The other kinds are proven the
+same way in tests/test_iam_policy_kinds.py.
 """
 
 from __future__ import annotations
@@ -20,11 +16,13 @@ from click.testing import CliRunner
 from moto import mock_aws
 from moto import settings as moto_settings
 from moto.ecs.models import ecs_backends
-from moto.iam.models import iam_backends
 
 from bot.cli import main
-from rotation import aws, iam, iam_policy
+from rotation import iam, iam_policy, secrets
 from rotation.catalogue import parse
+from rotation.errors import SecretError
+from tests import aws_calls
+from tests.aws_calls import Recorder, moto_policy, without
 from tests.test_iam import STAGING_ACCOUNT, USER, World, at
 
 SECRET = "govuk/fastly-logs/aws"
@@ -38,61 +36,6 @@ iam_users:
         secrets: [{{id: {SECRET}}}]
         ecs_services: [{{cluster: govuk, service: logs}}]
 """
-
-
-class Recorder:
-    """(action, resource) of every call Rotor's AWS clients make."""
-
-    def __init__(self, account: str) -> None:
-        self.account = account
-        self.calls: list[tuple[str, str]] = []
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> Recorder:
-        original = aws.fenced_client
-
-        def fenced_client(session: Any, service: str) -> Any:
-            client = original(session, service)
-            region = client.meta.region_name
-            client.meta.events.register(
-                "before-parameter-build",
-                lambda model, params, **_: self.record(region, model, params))
-            return client
-
-        monkeypatch.setattr(aws, "fenced_client", fenced_client)
-        return self
-
-    def record(self, region: str, model: Any, params: dict[str, Any]) -> None:
-        prefix = model.service_model.signing_name
-        action = f"{prefix}:{model.name}"
-        account = self.account
-        if prefix == "secretsmanager" and "SecretId" in params:
-            secret = params["SecretId"]
-            resource = secret if secret.startswith("arn:") else \
-                f"arn:aws:secretsmanager:{region}:{account}:secret:{secret}-AbCdEf"
-        elif prefix == "iam" and "UserName" in params:
-            resource = f"arn:aws:iam::{account}:user/{params['UserName']}"
-        elif prefix == "iam" and "AccessKeyId" in params:  # IAM authorises it on the key's user
-            key = iam_backends[account]["aws"].access_keys[params["AccessKeyId"]]
-            resource = f"arn:aws:iam::{account}:user/{key.user_name}"
-        elif prefix == "ecs" and "service" in params:
-            resource = f"arn:aws:ecs:{region}:{account}:service/{params['cluster']}/" \
-                f"{params['service']}"
-        elif prefix == "ecs" and "services" in params:
-            resource = ",".join(f"arn:aws:ecs:{region}:{account}:service/{params['cluster']}/{s}"
-                                for s in params["services"])
-        else:
-            resource = "*"
-        self.calls.append((action, resource))
-
-    def refused(self, policy: dict[str, Any]) -> list[tuple[str, str]]:
-        return sorted({(action, resource) for action, resource in self.calls
-                       if not all(iam_policy.allowed(policy, action, r)
-                                  for r in resource.split(","))})
-
-
-def moto_policy(policy: dict[str, Any]) -> dict[str, Any]:
-    """The generated policy's actions, every resource "*" (moto matches resources to "*")."""
-    return {**policy, "Statement": [{**s, "Resource": "*"} for s in policy["Statement"]]}
 
 
 def rotate_as(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -157,6 +100,7 @@ def test_a_key_rotation_runs_under_only_the_generated_policy(tmp_path, monkeypat
                     "ecs:UpdateService", "iam:GenerateCredentialReport"}, made
     granted = {a for s in policy["Statement"] for a in s["Action"]}
     assert granted == made, "the policy grants actions the rotation never used"
+    assert recorder.unused(policy) == set(), "a statement grants what no call used on it"
 
 
 @pytest.mark.parametrize("dropped", ["iam:DeleteAccessKey", "secretsmanager:PutSecretValue",
@@ -165,9 +109,7 @@ def test_without_one_needed_permission_the_rotation_fails(tmp_path, monkeypatch,
                                                           dropped) -> None:
     """Removing one action from the generator: moto refuses the call and the rotation fails
     (or stops) at the step that needs it."""
-    fewer = [iam_policy.Grant(g.sid, tuple(a for a in g.actions if a != dropped), g.resources)
-             for g in iam_policy.grants(parse(CONFIG), "staging")]
-    policy = iam_policy.document([g for g in fewer if g.actions])
+    policy = without(iam_policy.grants(parse(CONFIG), "staging"), dropped)
     with mock_aws():
         row, recorder = rotate_as(tmp_path, monkeypatch, policy)
     assert row.status != "done"
@@ -224,3 +166,48 @@ def test_roles_and_keys_are_granted_where_set() -> None:
         f"arn:aws:iam::111111111111:user/{USER}",)
     assert "AssumeTheEnvironmentsRole" not in {
         g.sid for g in iam_policy.grants(parse(CONFIG), "staging")}
+
+
+# -- the suite-wide record (tests/aws_calls.py, checked when the session ends) ------------
+
+
+def _logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, work: Any) -> list[dict[str, Any]]:
+    log = tmp_path / "calls.jsonl"  # this test's own log: its refusals are on purpose
+    monkeypatch.setenv(aws_calls.LOG_ENV, str(log))
+    with mock_aws():
+        world = World(tmp_path, CONFIG)
+        world.seed("staging")  # the test's own calls through Rotor's clients: not Rotor's
+        work(world)
+    return aws_calls.read(log)
+
+
+def test_every_call_rotors_code_makes_is_checked_against_its_catalogues_policy(
+        tmp_path, monkeypatch) -> None:
+    def work(world: World) -> None:
+        iam.key_age_report(world.clients, world.catalogue, "staging", world.clock(),
+                           wait=lambda _: None)
+        with pytest.raises(SecretError):  # recorded before it is sent
+            secrets.put_current(world.sm("staging"), "govuk/not-catalogued", {"a": "b"})
+
+    entries = _logged(tmp_path, monkeypatch, work)
+    assert {(e["action"], e["caller"].split(":")[0], e["refused"]) for e in entries} == {
+        ("iam:GenerateCredentialReport", "rotation/iam.py", False),
+        ("iam:GetCredentialReport", "rotation/iam.py", False),
+        ("secretsmanager:PutSecretValue", "rotation/secrets.py", True)}
+    assert [p.split(" by ")[0] for p in aws_calls.refused(entries)] == [
+        "secretsmanager:PutSecretValue on arn:aws:secretsmanager:eu-west-1:123456789012:"
+        "secret:govuk/not-catalogued-AbCdEf"]
+
+
+def test_the_record_refuses_a_call_once_the_generator_drops_its_action(tmp_path,
+                                                                       monkeypatch) -> None:
+    generate = iam_policy.grants
+    monkeypatch.setattr(iam_policy, "grants", lambda catalogue, env: [
+        iam_policy.Grant(g.sid, tuple(a for a in g.actions if a != "iam:GetCredentialReport"),
+                         g.resources) for g in generate(catalogue, env)])
+    entries = _logged(tmp_path, monkeypatch, lambda world: iam.key_age_report(
+        world.clients, world.catalogue, "staging", world.clock(), wait=lambda _: None))
+    assert [p.split(" by ")[0] for p in aws_calls.refused(entries)] == [
+        "iam:GetCredentialReport on *"]
+    assert "iam:GetCredentialReport" not in aws_calls.unused(entries)
+    assert "secretsmanager:RotateSecret" in aws_calls.unused(entries)

@@ -154,8 +154,7 @@ class AlternatingUsers:
 
 
 
-@pytest.fixture
-def function(world, monkeypatch) -> Iterator[RotationLambda]:
+def turn_on_rotation(world: Rig, monkeypatch: pytest.MonkeyPatch) -> RotationLambda:
     """The rotation function, turned on for the secret (which rotates it once, as AWS does)."""
     handler = AlternatingUsers(world)
     fn = RotationLambda(world.moto, f"{world.app}-rotate", handler).install(monkeypatch)
@@ -166,6 +165,12 @@ def function(world, monkeypatch) -> Iterator[RotationLambda]:
     )
     fn.idle()
     assert not fn.errors, fn.errors
+    return fn
+
+
+@pytest.fixture
+def function(world, monkeypatch) -> Iterator[RotationLambda]:
+    fn = turn_on_rotation(world, monkeypatch)
     yield fn
     fn.stop()
 
@@ -177,6 +182,11 @@ def service(world) -> dict[str, str]:
 
 @pytest.fixture
 def configured(world, service) -> Rig:
+    return configure(world, service)
+
+
+def configure(world: Rig, service: dict[str, str]) -> Rig:
+    """The rig's app secret in the catalogue, with its consumers in staging."""
     config = json.loads(world.config_path.read_text())
     config["secrets"] = {
         world.secret_id(): {

@@ -74,10 +74,8 @@ MIGRATION = """
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
-    with rig("postgres", tmp_path) as r:
-        point_at(r, monkeypatch)
-        yield r
+def world(postgres_world: Rig) -> Rig:
+    return postgres_world
 
 
 @pytest.fixture

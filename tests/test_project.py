@@ -116,10 +116,11 @@ def test_every_catalogue_key_has_a_description():
 ENV_READ = re.compile(r"""(?:environ|env|getenv)(?:\.get)?\(?\[?\s*["']([A-Z][A-Z0-9_]{2,})["']""")
 
 
-# Keys of a WSGI request's environ, and variables set for Python or by tests for the client.
+# Keys of a WSGI request's environ, and variables set for Python, by pytest, or by tests for
+# the client.
 WSGI_AND_PYTHON = {"CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_", "PATH_INFO", "REQUEST_METHOD",
                    "PYTHONPATH",
-                   "PYTHONUNBUFFERED", "KUBERNETES_SERVICE_PORT"}
+                   "PYTHONUNBUFFERED", "KUBERNETES_SERVICE_PORT", "PYTEST_CURRENT_TEST"}
 
 
 def test_every_environment_variable_the_code_reads_is_in_the_reference():

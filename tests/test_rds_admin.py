@@ -60,6 +60,12 @@ def configure(world: Rig, **database: Any) -> None:
 
 @pytest.fixture
 def configured(world) -> Rig:
+    return add_backup(world)
+
+
+def add_backup(world: Rig) -> Rig:
+    """db-backup/passwd holding the admin password (and another database's), synced to a
+    Secret, and the database in the catalogue."""
     world.sm().create_secret(
         Name=backup_id(world),
         SecretString=json.dumps(
