@@ -17,8 +17,11 @@ from tests.waiting import wait_for
 
 def _rotate_until_waiting(cmd: list[str], env: dict[str, str]) -> str:
     """Run `rotor rotate-key` until it says it waits for the switch, then press Ctrl-C."""
+    # A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and Python
+    # keeps an ignored SIGINT: give the child Ctrl-C back, as a terminal would.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
                               daemon=True)
