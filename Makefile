@@ -43,7 +43,8 @@ format: $(BIN)/rotor
 bench: $(BIN)/rotor
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
-# `make soak MINUTES=20 SEED=1234`: the fault-injection machine for that long (tests/fault_machine.py).
+# `make soak MINUTES=20 SEED=1234 [STATE=postgres]`: the fault-injection machine for that long
+# (tests/fault_machine.py), the state in SQLite or PostgreSQL.
 MINUTES ?= 1
 soak: $(BIN)/rotor
-	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES) $(if $(SEED),--seed $(SEED))
+	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES) $(if $(SEED),--seed $(SEED)) $(if $(STATE),--state $(STATE))

@@ -2,10 +2,13 @@
 
     python benchmarks/ha.py claim     # time to claim due work, 200 active rotations, SQLite and PG
     python benchmarks/ha.py ack       # ack p50/p99: 3 replicas against 1, rounds alternating
-    python benchmarks/ha.py failover [KILLS]   # SIGKILL the replica mid-step, KILLS times (10)
+    python benchmarks/ha.py failover [KILLS]   # SIGKILL the lease holder mid-step of a real
+                                               # mysql rotation, KILLS times (10)
 
 Uses the local PostgreSQL (127.0.0.1:5432, or ROTOR_TEST_POSTGRES_URL) in uniquely named
-databases it drops after, and the fake Slack Web API. Loopback only; bounded; stops by itself.
+databases it drops after, and the fake Slack Web API; `failover` also MariaDB (127.0.0.1:3306),
+moto's server and the fake Kubernetes, through tests/rig.py. Loopback only; bounded; stops by
+itself.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from demo.slack_api import FakeSlack  # noqa: E402
 from rotation.store import Store  # noqa: E402
 from tests import servers  # noqa: E402
-from tests.slackbot import APPS, GROUPS, BotProcess  # noqa: E402
+from tests.slackbot import GROUPS, BotProcess  # noqa: E402
 
 ROTATIONS = 200
 CONCURRENCY = 30
@@ -124,38 +127,47 @@ def _wait(get: Callable[[], object], limit: float) -> None:
 
 
 def failover(kills: int) -> None:
+    """A real mysql rotation (MariaDB, moto, the fake Kubernetes) per kill: the replica
+    holding the lease is SIGKILLed in the middle of create-user (moto holds its answer to
+    the AWSPENDING write); the time is until another replica has finished that step."""
+    import pytest
+
+    from tests.failover import HeldPut, PostingSlack, lease_pid, replica
+    from tests.rig import rig
+
     url = servers.postgres_state_db()
     times: list[float] = []
+    patch = pytest.MonkeyPatch()
     try:
-        with tempfile.TemporaryDirectory() as tmp, FakeSlack(groups=dict(GROUPS)) as slack:
-            workdir = Path(tmp)
-            bots = [BotProcess(workdir, slack, state_url=url, log_level="WARNING").start()
-                    for _ in range(3)]
-            control = bots[0].control
+        with tempfile.TemporaryDirectory() as tmp, rig("mysql", Path(tmp)) as world, \
+                PostingSlack(groups=dict(GROUPS), state_url=url) as slack:
+            held = HeldPut(world.secret_id()).install(patch)
+            bots = [replica(world, slack, url, "WARNING") for _ in range(3)]
             try:
-                for app in APPS[:kills]:
-                    (control / "in-login").unlink(missing_ok=True)
-                    (control / "hang-login").touch()
-                    bots[0].command(f"{app} staging", user="U0ALICE")
-                    rid = bots[0].wait_status(app, "staging", "active")["id"]
-                    bots[1].click(bots[1].button(rid, "approve", "switch"), user="U0BOB")
-                    _wait(lambda: (control / "in-login").exists(), 60)
-                    pid = int((control / "in-login").read_text())
+                for _ in range(kills):
+                    held.arm()
+                    bots[0].command(f"{world.app} staging", user="U0ALICE")
+                    rid = bots[0].wait_status(world.app, "staging", "active")["id"]
+                    _wait(held.reached.is_set, 120)
+                    pid = lease_pid(url, rid)
                     victim = next(b for b in bots if b.process and b.process.pid == pid)
-                    (control / "hang-login").unlink()
                     victim.stop(signal.SIGKILL)
                     killed = time.monotonic()
-                    bots[0 if victim is not bots[0] else 1].wait_step(
-                        app, "staging", "login", "done", timeout=300)
+                    held.release.set()
+                    other = bots[0 if victim is not bots[0] else 1]
+                    other.wait_step(world.app, "staging", "create-user", "done", timeout=300)
                     times.append(time.monotonic() - killed)
-                    print(f"kill {len(times)}: step finished by another replica after "
+                    print(f"kill {len(times)}: create-user finished by another replica after "
                           f"{times[-1]:.2f} s", flush=True)
-                    bots[bots.index(victim)] = BotProcess(workdir, slack, state_url=url,
-                                                          log_level="WARNING").start()
+                    other.click(other.button(rid, "approve", "drop-old-user"), user="U0BOB")
+                    other.wait_status(world.app, "staging", "done", timeout=300)
+                    world.login(world.current())
+                    bots[bots.index(victim)] = replica(world, slack, url, "WARNING")
             finally:
                 for bot in bots:
                     bot.stop()
     finally:
+        patch.undo()
         servers.drop_postgres_state_db(url)
     print(f"failover over {len(times)} kills: median {statistics.median(times):.2f} s, "
           f"max {max(times):.2f} s")

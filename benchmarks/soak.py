@@ -1,12 +1,15 @@
 """Soak: the fault-injection machine (tests/fault_machine.py) for a given time and seed.
 
     python benchmarks/soak.py --minutes 20 --seed 1234 [--kinds mysql,postgres,iam-key]
+                              [--state sqlite|postgres]
 
     python benchmarks/soak.py --replay mysql:1234   # one round a test printed, shrunk
 
 Runs examples of each kind in turn, each round from a seed drawn from `--seed` (printed, so
 a round replays alone with `--seed <round seed> --rounds 1 --kinds <kind>`), until the time
-is up. Prints the examples run, the faults injected by type, and the invariant violations,
+is up. `--state postgres` keeps the workers' shared state in PostgreSQL (a uniquely named
+database on the local server per example, dropped after) instead of a SQLite file. Prints the
+examples run, the faults injected by type, and the invariant violations,
 which must be 0 (exit status 1 otherwise).
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import fault_machine
+from tests.faults import STATES
 from tests.rig import AWS_ENV
 
 
@@ -37,6 +41,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="stop after this many (0: time)")
     parser.add_argument("--replay", metavar="KIND:SEED",
                         help="run the one round a test printed, and shrink what fails")
+    parser.add_argument("--state", choices=STATES, default="sqlite",
+                        help="where the workers keep Rotor's state (default: sqlite)")
     parser.add_argument("--no-manual-moves", dest="manual_moves", action="store_false",
                         help="leave out a person moving AWSCURRENT back to AWSPREVIOUS by hand")
     args = parser.parse_args()
@@ -45,7 +51,8 @@ def main() -> int:
     seeds = random.Random(base)
     kinds = args.kinds.split(",")
     os.environ.update(AWS_ENV)
-    print(f"soak: seed {base}, {args.minutes} min, kinds {', '.join(kinds)}", flush=True)
+    print(f"soak: seed {base}, {args.minutes} min, kinds {', '.join(kinds)}, state in "
+          f"{args.state}", flush=True)
     deadline = time.monotonic() + args.minutes * 60
     started, rounds, failed = time.monotonic(), 0, 0
     if args.replay:
@@ -57,7 +64,8 @@ def main() -> int:
         rounds += 1
         print(f"round {rounds}: {kind} seed {round_seed} ...", flush=True)
         try:
-            fault_machine.run(kind, round_seed, args.examples, manual_moves=args.manual_moves)
+            fault_machine.run(kind, round_seed, args.examples, manual_moves=args.manual_moves,
+                              state=args.state)
             outcome = "ok"
         except Exception as exc:  # a violated invariant, shrunk; keep soaking
             failed += 1

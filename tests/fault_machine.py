@@ -58,11 +58,12 @@ class RotationMachine(RuleBasedStateMachine):
     # still named the old database user after Rotor dropped it; the drop now takes the label
     # off first. For the secret kind see SecretWorld.move_current_back.
     MANUAL_MOVES = True
+    STATE = "sqlite"  # or "postgres": the state store the workers share (tests.faults.STATES)
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="rotor-faults-"))
-        self.world: FaultWorld = make_world(self.KIND, self.dir)
+        self.world: FaultWorld = make_world(self.KIND, self.dir, self.STATE)
         self.referee = self.world.referee
         self.workers = [self._worker("a"), self._worker("b")]
         # Rotor's reporter, delivering every audit row to a fake Slack: every call it makes
@@ -70,7 +71,7 @@ class RotationMachine(RuleBasedStateMachine):
         self.slack = FakeSlack().start()
         self.world.stack.callback(self.slack.stop)
         reporting = Worker(self.world, "reporter")
-        self.world.stack.callback(reporting.store.db.close)
+        self.world.stack.callback(reporting.store.close)
         client = slack_api.web_client("xoxb-fault-suite", self.slack.url)
         self.reporter = Reporter(reporting.engine, client,
                                  Policy(reporting.engine.catalogue,
@@ -97,7 +98,7 @@ class RotationMachine(RuleBasedStateMachine):
         FAULTS.update(self.referee.faults)
         VIOLATIONS.extend(self.referee.violations)
         for worker in self.workers:
-            worker.store.db.close()
+            worker.store.close()
         self.world.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -373,16 +374,18 @@ class RotationMachine(RuleBasedStateMachine):
         assert not self.referee.violations, "\n".join(self.referee.violations)
 
 
-def machine(kind: str, *, manual_moves: bool = True) -> type[RotationMachine]:
+def machine(kind: str, *, manual_moves: bool = True,
+            state: str = "sqlite") -> type[RotationMachine]:
     return type(f"{kind.title().replace('-', '')}Rotation", (RotationMachine,),
-                {"KIND": kind, "MANUAL_MOVES": manual_moves})
+                {"KIND": kind, "MANUAL_MOVES": manual_moves, "STATE": state})
 
 
 def run(kind: str, seed_value: int, examples: int, steps: int = 25, *,
-        manual_moves: bool = True, shrink: bool = True) -> None:
-    """Run `examples` examples of `kind` from `seed_value`; raise on a violated invariant,
-    with the (shrunk) sequence of actions that replays it."""
-    factory = seed(seed_value)(machine(kind, manual_moves=manual_moves))
+        manual_moves: bool = True, shrink: bool = True, state: str = "sqlite") -> None:
+    """Run `examples` examples of `kind` from `seed_value`, the state in `state` ("sqlite"
+    or "postgres"); raise on a violated invariant, with the (shrunk) sequence of actions
+    that replays it."""
+    factory = seed(seed_value)(machine(kind, manual_moves=manual_moves, state=state))
     phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
     run_state_machine_as_test(factory, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None,

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
 import uuid
 from collections import Counter
@@ -37,8 +36,11 @@ from bot.wiring import kinds
 from rotation import fence
 from rotation.clients import Clients
 from rotation.engine import Engine
-from rotation.store import Store
+from rotation.store import RotationRow, Store
+from tests import servers
 from tests.rig import AWS_ENV, Clock, Rig, moto_client, moto_url, rig
+
+STATES = ("sqlite", "postgres")  # where a world keeps Rotor's state
 
 DESTRUCTIVE = re.compile(r"DROP USER|DROP ROLE|DROP OWNED|REASSIGN OWNED|^run KILL|rds_kill|"
                          r"pg_terminate_backend|DeleteAccessKey|UpdateAccessKey Inactive")
@@ -80,11 +82,15 @@ class Worker:
 
 
 class Referee:
-    """Checks every side effect as it happens, and the world after every action."""
+    """Checks every side effect as it happens, and the world after every action.
 
-    def __init__(self, state_path: Path, clock: Clock) -> None:
-        self.state_path = state_path
+    It reads the state through a `Store` of its own (its own connections), so it judges a
+    SQLite file and a PostgreSQL database alike."""
+
+    def __init__(self, state: str | Path, clock: Clock) -> None:
+        self.state = str(state)
         self.clock = clock
+        self._store: Store | None = None
         self.violations: list[str] = []
         self.faults: Counter[str] = Counter()
         self.effects: list[tuple[str, int, str]] = []
@@ -103,9 +109,17 @@ class Referee:
 
     # -- at each side effect -------------------------------------------------------------
 
-    def _row(self, query: str, args: list[Any]) -> Any:
-        with sqlite3.connect(self.state_path, timeout=10) as conn:
-            return conn.execute(query, args).fetchone()
+    @property
+    def store(self) -> Store:
+        """Opened on first use: the state DB exists once a worker made it."""
+        if self._store is None:
+            self._store = Store(self.state, clock=self.clock)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def before(self, lease: fence.Lease, what: str) -> None:
         owner = lease.owner
@@ -137,9 +151,8 @@ class Referee:
     def after(self, lease: fence.Lease, what: str) -> None:
         """The side effect is about to happen: judge it now."""
         rid = lease.rotation_id
-        owner, token, status, initiator, env = self._row(
-            "SELECT lease_owner, lease_token, status, initiator, env FROM rotations "
-            "WHERE id = ?", [rid])
+        rotation = self.store.rotation(rid)
+        owner, token, status = rotation.lease_owner, rotation.lease_token, rotation.status
         self.effects.append((lease.owner, rid, what))
         if (owner, token) != (lease.owner, lease.token):
             self.violation("lease", f"#{rid} {what} by {lease.owner} (token {lease.token}) "
@@ -147,17 +160,17 @@ class Referee:
         if status == "cancelled":
             self.violation("after-cancel", f"#{rid} {what} after the cancel completed")
         if DESTRUCTIVE.search(what):
-            self._judge_destructive(rid, what, initiator, env)
+            self._judge_destructive(rotation, what)
 
-    def _judge_destructive(self, rid: int, what: str, initiator: str, env: str) -> None:
-        step = self._row(
-            "SELECT name, decision, decided_by, decided_at, notice_at, hold_until, checks, "
-            "status, gate FROM steps WHERE rotation_id = ? AND status NOT IN ('done', 'skipped') "
-            "ORDER BY position LIMIT 1", [rid])
+    def _judge_destructive(self, rotation: RotationRow, what: str) -> None:
+        rid, initiator, env = rotation.id, rotation.initiator, rotation.env
+        step = next((s for s in rotation.steps if s.status not in ("done", "skipped")), None)
         if step is None:
             self.violation("approval", f"#{rid} {what} with no step running")
             return
-        name, decision, decided_by, decided_at, notice_at, hold_until, checks, _, gate = step
+        name, decision, decided_by, decided_at = (step.name, step.decision, step.decided_by,
+                                                  step.decided_at)
+        notice_at, hold_until, checks = step.notice_at, step.hold_until, step.checks
         if decision != "approved":
             self.violation("approval", f"#{rid} {name}: {what} without an approval")
             return
@@ -167,9 +180,9 @@ class Referee:
             if notice_at is None or notice_at < decided_at or (hold_until or 0) > self.clock():
                 self.violation("second-line", f"#{rid} {name}: {what} before 2nd line was told "
                                               "and the hold passed")
-        retried = self._row("SELECT MAX(at) FROM audit WHERE rotation_id = ? AND step = ? AND "
-                            "event IN ('retried', 'held')", [rid, name])[0]
-        if retried is not None and decided_at < retried:
+        retried = max((r.at for r in self.store.audit_rows(rid, limit=1_000_000)
+                       if r.step == name and r.event in ("retried", "held")), default=None)
+        if retried is not None and decided_at is not None and decided_at < retried:
             self.violation("approval-reused", f"#{rid} {name}: {what} on an approval given "
                                               "before the step was retried")
         rounds = self._kill_rounds.setdefault((rid, name, decided_at), set())
@@ -206,8 +219,9 @@ class Referee:
     # -- after each action -----------------------------------------------------------------
 
     def no_secrets(self, secrets: list[str], log_lines: list[str], notices: list[str]) -> None:
-        with sqlite3.connect(self.state_path, timeout=10) as conn:
-            dump = "\n".join(conn.iterdump())
+        # Every value of every row, as stored (no quoting that could hide one).
+        dump = "\n".join(str(value) for table in Store.TABLES
+                         for row in self.store.table_rows(table)[1] for value in row)
         for value in secrets:
             if len(value) < 8:
                 continue
@@ -267,17 +281,24 @@ class FaultWorld:
     kind: str
     aws_services: tuple[str, ...] = ("secretsmanager",)
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, state: str = "sqlite") -> None:
+        if state not in STATES:
+            raise ValueError(f"state {state!r}: one of {', '.join(STATES)}")
         self.workdir = workdir
         self.stack = ExitStack()
+        # PostgreSQL: a uniquely named database, dropped last (after every store closed).
+        self.state = (self.stack.enter_context(_postgres_state()) if state == "postgres"
+                      else str(self.state_path))
         self.clock = Clock()
         self.notices = Notices()
-        self.referee = Referee(self.state_path, self.clock)
+        self.referee = Referee(self.state, self.clock)
+        self.stack.callback(self.referee.close)
         self.logs = LogLines()
         self._env: dict[str, str | None] = {}
 
     @property
     def state_path(self) -> Path:
+        """Where the SQLite state lives (when the world keeps it in SQLite)."""
         return self.workdir / "state.db"
 
     def set_env(self, values: dict[str, str]) -> None:
@@ -330,12 +351,13 @@ class FaultWorld:
 class DatabaseWorld(FaultWorld):
     """mysql or postgres: the rig's database, moto's server, the fake Kubernetes API."""
 
-    def __init__(self, workdir: Path, engine: str) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, engine: str, state: str = "sqlite") -> None:
+        super().__init__(workdir, state)
         self.kind = engine
         self.rig: Rig = self.stack.enter_context(rig(engine, workdir, clock=self.clock))
-        self.set_env({k: v for k, v in self.rig.env().items()
-                      if k.startswith(("AWS_", "ROTOR_", "KUBECONFIG"))})
+        self.set_env({**{k: v for k, v in self.rig.env().items()
+                         if k.startswith(("AWS_", "ROTOR_", "KUBECONFIG"))},
+                      "ROTOR_STATE": self.state})
         self.before = self._logins()
         self.referee.drop_connection = self._drop_admin_connections
         self.open()
@@ -437,8 +459,8 @@ class IamWorld(FaultWorld):
     kind = "iam-key"
     aws_services = ("secretsmanager", "iam")
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, state: str = "sqlite") -> None:
+        super().__init__(workdir, state)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.user = f"rt-{uuid.uuid4().hex[:8]}"
         self.secret_id = f"fault/{self.user}/aws"
@@ -453,7 +475,7 @@ class IamWorld(FaultWorld):
                       "drain": 1, "rollout_start": 2, "sync_error_grace": 0.1},
         }))
         self.set_env({**AWS_ENV, "AWS_ENDPOINT_URL": moto_url(), "ROTOR_CONFIG": str(config),
-                      "ROTOR_STATE": str(self.state_path)})
+                      "ROTOR_STATE": self.state})
         self.iam, self.sm = moto_client("iam"), moto_client("secretsmanager")
         self.iam.create_user(UserName=self.user)
         key = self.iam.create_access_key(UserName=self.user)["AccessKey"]
@@ -525,13 +547,13 @@ class SecretWorld(DatabaseWorld):
 
     aws_services = ("secretsmanager", "ecs")
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, state: str = "sqlite") -> None:
         import pytest
 
         from tests.rig import EcsDeployments, RotationLambda
         from tests.test_managed_secret import AlternatingUsers
 
-        super().__init__(workdir, "mysql")
+        super().__init__(workdir, "mysql", state)
         self.kind = "secret"
         patch = pytest.MonkeyPatch()
         self.stack.callback(patch.undo)
@@ -578,11 +600,22 @@ class SecretWorld(DatabaseWorld):
         return super().move_current_back()
 
 
-def make_world(kind: str, workdir: Path) -> FaultWorld:
+@contextmanager
+def _postgres_state() -> Iterator[str]:
+    url = servers.postgres_state_db()
+    try:
+        yield url
+    finally:
+        servers.drop_postgres_state_db(url)
+
+
+def make_world(kind: str, workdir: Path, state: str = "sqlite") -> FaultWorld:
+    """`state`: where Rotor's state lives, "sqlite" (a file in `workdir`) or "postgres" (a
+    uniquely named database on the local server, dropped when the world closes)."""
     if kind == "secret":
-        return SecretWorld(workdir)
+        return SecretWorld(workdir, state)
     if kind in ("mysql", "postgres"):
-        return DatabaseWorld(workdir, kind)
+        return DatabaseWorld(workdir, kind, state)
     if kind == "iam-key":
-        return IamWorld(workdir)
+        return IamWorld(workdir, state)
     raise ValueError(kind)

@@ -264,6 +264,8 @@ class Rig:
     environments: dict[str, dict[str, Any]] = field(default_factory=dict)
     clock: Clock = field(default_factory=Clock)
     copy: RestoredCopy | None = None
+    # rotor.yml's `slack:` section, e.g. {"approval_reminder_minutes": 0.05}.
+    slack: dict[str, Any] = field(default_factory=dict)
 
     # -- where things are ------------------------------------------------------------------
 
@@ -381,6 +383,8 @@ class Rig:
             "waits": waits,
             "operators": OPERATORS,
         }
+        if self.slack:
+            config["slack"] = self.slack
         text = json.dumps(config, indent=2)
         self.config_path.write_text(text + ("\n" + self.extra_config if self.extra_config else ""))
 

@@ -88,9 +88,10 @@ def clock() -> Clock:
 
 def make(tmp_path: Any, clock: Clock, script: dict[str, Callable[[Context], Outcome]],
          destructive: set[str] | None = None, notices: Notices | None = None,
-         ) -> tuple[Engine, ScriptedKind]:
+         state: str | None = None) -> tuple[Engine, ScriptedKind]:
+    """`state`: a SQLite path or PostgreSQL URL instead of tmp_path/state.db."""
     kind = ScriptedKind(script, destructive or set())
-    store = Store(tmp_path / "state.db", clock=clock)
+    store = Store(state or tmp_path / "state.db", clock=clock)
     return Engine(store, CATALOGUE, {"mysql": kind}, clients=None, second_line=notices,
                   clock=clock), kind
 

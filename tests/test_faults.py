@@ -33,6 +33,14 @@ def test_faults_from_the_fixed_seed_break_no_safety_rule(kind):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", fault_machine.KINDS)
+def test_faults_with_the_state_in_postgresql_break_no_safety_rule(kind):
+    """The same machine, its workers, reporter and referee sharing a PostgreSQL state store
+    (a uniquely named database, dropped after), from the fixed seed."""
+    fault_machine.run(kind, FIXED_SEED, EXAMPLES, shrink=False, state="postgres")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", fault_machine.KINDS)
 def test_faults_from_a_random_seed_break_no_safety_rule(kind, capsys):
     chosen = _random_seed()
     with capsys.disabled():
@@ -44,21 +52,26 @@ def test_faults_from_a_random_seed_break_no_safety_rule(kind, capsys):
 # -- the referee's checks can fail -----------------------------------------------------------
 
 
-def _referee_with_rotation(tmp_path, destructive: bool = True):
+def _referee_with_rotation(tmp_path, state, destructive: bool = True):
     from tests.faults import Referee
     from tests.test_engine import Clock, make
 
     clock = Clock()
     engine, _ = make(tmp_path, clock, {"drop": lambda ctx: None},
-                     destructive={"drop"} if destructive else set())
+                     destructive={"drop"} if destructive else set(), state=state)
     rotation = engine.start("mysql", "signon", "production", "alice")
-    return Referee(tmp_path / "state.db", clock), engine, rotation, clock
+    referee = Referee(state, clock)
+    return referee, engine, rotation, clock
 
 
-def test_the_referee_flags_a_side_effect_by_a_worker_without_the_current_lease(tmp_path):
+# Each runs on both state backends (conftest's `state_url`): the referee reads through Store.
+
+
+def test_the_referee_flags_a_side_effect_by_a_worker_without_the_current_lease(tmp_path,
+                                                                              state_url):
     from rotation import fence
 
-    referee, engine, rotation, clock = _referee_with_rotation(tmp_path)
+    referee, engine, rotation, clock = _referee_with_rotation(tmp_path, state_url)
     token = engine.store.claim(rotation.id, "w1", clock() + 60)
     old = fence.Lease(engine.store, rotation.id, "w1", token, seconds=60, clock=clock)
     clock.advance(61)
@@ -67,10 +80,10 @@ def test_the_referee_flags_a_side_effect_by_a_worker_without_the_current_lease(t
     assert [v.split(":")[0] for v in referee.violations] == ["lease"]
 
 
-def test_the_referee_flags_a_destructive_effect_without_a_valid_approval(tmp_path):
+def test_the_referee_flags_a_destructive_effect_without_a_valid_approval(tmp_path, state_url):
     from rotation import fence
 
-    referee, engine, rotation, clock = _referee_with_rotation(tmp_path)
+    referee, engine, rotation, clock = _referee_with_rotation(tmp_path, state_url)
     token = engine.store.claim(rotation.id, "w1", clock() + 60)
     lease = fence.Lease(engine.store, rotation.id, "w1", token, seconds=60, clock=clock)
     referee.after(lease, "run DROP USER")
@@ -88,13 +101,13 @@ def test_the_referee_flags_a_destructive_effect_without_a_valid_approval(tmp_pat
     assert [v.split(":")[0] for v in referee.violations] == ["after-cancel"]
 
 
-def test_the_referee_finds_a_secret_in_the_state_db_the_logs_or_slack(tmp_path):
-    referee, engine, rotation, _ = _referee_with_rotation(tmp_path)
+def test_the_referee_finds_a_secret_in_the_state_db_the_logs_or_slack(tmp_path, state_url):
+    referee, engine, rotation, _ = _referee_with_rotation(tmp_path, state_url)
     referee.no_secrets(["hunter2hunter2"], ["rotating"], ["notice"])
     assert referee.violations == []
     referee.no_secrets(["hunter2hunter2"], ["password hunter2hunter2"], ["the hunter2hunter2"])
     assert len(referee.violations) == 2
-    engine.store.db.execute("INSERT INTO kv (key, value) VALUES ('k', 'hunter2hunter2')")
+    engine.store.set_kv("k", "hunter2hunter2")
     referee.violations.clear()
     referee.no_secrets(["hunter2hunter2"], [], [])
     assert referee.violations == ["secret: a secret value is in the state DB"]
@@ -173,10 +186,11 @@ def test_the_machine_flags_a_user_a_finished_cleanup_left(monkeypatch):
         machine.teardown()
 
 
-def test_a_worker_process_sigkilled_at_a_side_effect_is_taken_over():
+@pytest.mark.parametrize("state", ["sqlite", "postgres"])
+def test_a_worker_process_sigkilled_at_a_side_effect_is_taken_over(state):
     """The kernel kills a worker process mid-step; its lease is left held; another worker
     sees the holder is dead, takes over at once and finishes, and the invariants hold."""
-    machine = fault_machine.machine("mysql")()
+    machine = fault_machine.machine("mysql", state=state)()
     try:
         machine.start("staging")
         machine.sigkill_a_worker_process_at_a_side_effect(3)
