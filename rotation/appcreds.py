@@ -58,6 +58,17 @@ def admin_password(ctx: Context, env: str | None = None) -> str:
     return password
 
 
+def db_host(catalogue: Any, clients: Any, app: str, env: str) -> str:
+    """The app's database instance, "host:port", from its secret (plain fields only): the
+    resource the engine's per-host limit counts."""
+    t = catalogue.target(app, env)
+    value = sm_secrets.read_json(clients.aws(env, "secretsmanager"), t.secret,
+                                 required=sm_secrets.APP_KEYS)
+    if value is None:
+        raise SecretError(f"secret {t.secret} has no AWSCURRENT version")
+    return f"{value['host']}:{value['port']}"
+
+
 def stage_pending(ctx: Context, new_username: str) -> dict[str, Any]:
     """Make sure AWSPENDING holds `new_username` and a fresh password; return that version.
 

@@ -552,6 +552,52 @@ class Store:
                        [owner, until, name])
             return True
 
+    def take_slot(self, resource: str, limit: int, rotation_id: int, owner: str, token: int,
+                  *, is_stale: Callable[[str], bool] = holder_is_dead) -> str | None:
+        """One of `limit` slots of `resource` (a database host, an AWS account) for the
+        rotation's claim (`owner`, `token`): the slot's name, or None when all are taken.
+
+        A slot is held while the claim that took it still holds its rotation's lease: when
+        the lease expires, is taken over, or its holder's process is gone, the slot is free
+        again, so a crashed worker never keeps one. Across replicas: the slots are rows.
+        """
+        names = [f"slot:{resource}#{i}" for i in range(limit)]
+        with self.transaction(fenced=False) as db:
+            marks = ", ".join("?" for _ in names)
+            held = dict(db.execute("SELECT name, owner FROM locks WHERE name IN ("  # noqa: S608
+                                   + marks + ")" + self.for_update, names).fetchall())
+            mine = f"{rotation_id} {token} {owner}"
+            for name in names:
+                if held.get(name) == mine:
+                    return name
+            for name in names:
+                holder = held.get(name)
+                if holder is None:
+                    if db.execute("INSERT INTO locks (name, owner, until) VALUES (?, ?, ?) "
+                                  "ON CONFLICT (name) DO NOTHING",
+                                  [name, mine, self.clock()]).rowcount == 1:
+                        return name
+                elif not self._slot_alive(db, holder, is_stale):
+                    db.execute("UPDATE locks SET owner = ?, until = ? WHERE name = ?",
+                               [mine, self.clock(), name])
+                    return name
+        return None
+
+    def _slot_alive(self, db: Db, holder: str, is_stale: Callable[[str], bool]) -> bool:
+        rotation_id, token, owner = (holder.split(" ", 2) + ["", "", ""])[:3]
+        if not rotation_id.isdigit() or not token.isdigit():
+            return False
+        row = db.execute("SELECT lease_owner, lease_until, lease_token FROM rotations "
+                         "WHERE id = ?", [int(rotation_id)]).fetchone()
+        return (row is not None and row[0] == owner and row[2] == int(token)
+                and (row[1] or 0) > self.clock() and not is_stale(owner))
+
+    def release_slots(self, rotation_id: int, owner: str, token: int) -> None:
+        """Give back every slot this claim holds."""
+        with self.transaction(fenced=False) as db:
+            db.execute("DELETE FROM locks WHERE name LIKE 'slot:%' AND owner = ?",
+                       [f"{rotation_id} {token} {owner}"])
+
     def prune_locks(self, prefix: str, expired_before: float) -> int:
         """Forget locks under `prefix` that expired before `expired_before`."""
         with self.transaction() as db:
