@@ -435,9 +435,10 @@ class Engine:
             return None
         try:
             resources = self._resources(rotation)
-        except RotorError as exc:  # the step that reads the secret will fail with the reason
-            log.warning("limits: #%s resources unknown (%s); running unlimited", rotation_id,
-                        exc)
+        except Exception as exc:  # the step's own read fails with the reason
+            # (this advance's cache keeps the failure: the step does not wait on it again)
+            log.warning("limits: #%s database host unknown (%s); running without its limit",
+                        rotation_id, redact.redact(type(exc).__name__))
             return None
         for resource, limit in resources:
             if self.store.take_slot(resource, limit, rotation_id, self.worker_id, token,

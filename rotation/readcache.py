@@ -55,8 +55,25 @@ def read(key: Hashable, load: Callable[[], T], copy: Callable[[T], T] = lambda v
     if cache is None or _fresh.get():
         return load()
     if key not in cache:
-        cache[key] = load()
-    return copy(cache[key])
+        try:
+            cache[key] = _Value(load())
+        except Exception as exc:  # a failed read fails the same way again in this advance,
+            cache[key] = _Failed(exc)  # without a second wait on a hung or failing endpoint
+            raise
+    kept = cache[key]
+    if isinstance(kept, _Failed):
+        raise kept.error
+    return copy(kept.value)
+
+
+class _Value:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Failed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def invalidate() -> None:
