@@ -342,3 +342,41 @@ def test_a_kinds_db_host_names_the_instance_from_the_secret():
     sm = FakeSecrets({"host": "db-7.internal", "port": 3306, "dbname": "d", "username": "u",
                       "password": "p"})
     assert appcreds.db_host(FLEET, OneSecret(sm), "app0", "staging") == "db-7.internal:3306"
+
+
+def test_a_free_slot_goes_to_the_rotation_that_queued_for_it_first(state_url):
+    """A rotation with short waits comes back at once after each advance; it must not take
+    the slot again ahead of one that has been waiting for it."""
+    now = [1000.0]
+    store = Store(state_url, clock=lambda: now[0])
+    steps = [("a", "A", False)]
+    hog = store.create_rotation("mysql", "app0", "staging", "U1", {}, steps)
+    patient = store.create_rotation("mysql", "app1", "staging", "U1", {}, steps)
+    live = {"is_stale": lambda h: False}
+    first = store.claim(hog, "w1", now[0] + 120, **live)
+    waiting = store.claim(patient, "w2", now[0] + 120, **live)
+    assert first is not None and waiting is not None
+    assert store.take_slot("host:db", 1, hog, "w1", first, **live)
+    assert store.take_slot("host:db", 1, patient, "w2", waiting, **live) is None  # queues
+    store.release_slots(hog, "w1", first)
+    now[0] += 0.1
+    assert store.take_slot("host:db", 1, hog, "w1", first, **live) is None, \
+        "the hog took the slot again ahead of the rotation queued for it"
+    assert store.take_slot("host:db", 1, patient, "w2", waiting, **live)
+    store.release_slots(patient, "w2", waiting)
+    assert store.take_slot("host:db", 1, hog, "w1", first, **live)
+    # A queued rotation that stopped asking (finished, cancelled) does not block the slot.
+    store.release_slots(hog, "w1", first)
+    assert store.take_slot("host:db", 2, hog, "w1", first, **live)
+    assert store.take_slot("host:db", 2, patient, "w2", waiting, **live)
+    third = store.create_rotation("mysql", "app2", "staging", "U1", {}, steps)
+    token = store.claim(third, "w3", now[0] + 120, **live)
+    assert token is not None
+    assert store.take_slot("host:db", 2, third, "w3", token, **live) is None  # queues
+    store.release_slots(patient, "w2", waiting)
+    assert store.take_slot("host:db", 2, patient, "w2", waiting, **live) is None, \
+        "the slot belongs to the third rotation while it keeps asking"
+    now[0] += 60  # the third stopped asking long ago
+    store.renew(patient, "w2", waiting, now[0] + 120)
+    store.renew(hog, "w1", first, now[0] + 120)
+    assert store.take_slot("host:db", 2, patient, "w2", waiting, **live)
