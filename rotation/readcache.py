@@ -7,7 +7,9 @@ fence's botocore hook) and every write in `rotation.secrets` empties the cache.
 
 Safety rule 7 stands: what a destructive action relies on is read from the world right
 before it acts. `Context.act` and a kind's cancel run their reads inside `fresh()`, where
-nothing is served from the cache (and nothing read there is kept either).
+nothing is served from the cache (and nothing read there is kept either). The admin
+connection of each database is kept for the advance too (`connection`): it caches no data,
+every query on it reads the world.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _cache: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_read_cache", default=None)
+_connections: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_connections",
+                                                                  default=None)
 _fresh: ContextVar[bool] = ContextVar("rotor_read_fresh", default=False)
 
 
@@ -27,10 +31,47 @@ _fresh: ContextVar[bool] = ContextVar("rotor_read_fresh", default=False)
 def per_advance() -> Iterator[None]:
     """Keep reads for the block (one run of `advance`), then forget them."""
     reset = _cache.set({})
+    opened: dict[Hashable, Any] = {}
+    held = _connections.set(opened)
     try:
         yield
     finally:
         _cache.reset(reset)
+        _connections.reset(held)
+        for conn in opened.values():
+            _close(conn)
+
+
+@contextmanager
+def connection(key: Hashable, open_: Callable[[], T]) -> Iterator[T]:
+    """One connection per database for the advance (one admin login, not one a step).
+
+    Outside an advance: opened and closed around the block. A block that raises closes it
+    and forgets it, whatever state the session was left in."""
+    opened = _connections.get()
+    if opened is None:
+        conn = open_()
+        try:
+            yield conn
+        finally:
+            _close(conn)
+        return
+    if key not in opened:
+        opened[key] = open_()
+    try:
+        yield opened[key]
+    except BaseException:
+        _close(opened.pop(key, None))
+        raise
+
+
+def _close(conn: Any) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:  # closing a broken session: nothing left to do
+        pass
 
 
 @contextmanager
