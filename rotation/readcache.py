@@ -14,12 +14,14 @@ every query on it reads the world.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _cache: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_read_cache", default=None)
 _connections: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_connections",
@@ -82,6 +84,16 @@ def fresh() -> Iterator[None]:
         yield
     finally:
         _fresh.reset(reset)
+
+
+def from_the_world(read: Callable[P, T]) -> Callable[P, T]:
+    """Mark a function that reads a destructive action's facts: it never uses the cache,
+    whoever calls it (`Context.act` or a step directly)."""
+    @functools.wraps(read)
+    def fresh_read(*args: P.args, **kwargs: P.kwargs) -> T:
+        with fresh():
+            return read(*args, **kwargs)
+    return fresh_read
 
 
 def serving() -> bool:

@@ -380,3 +380,24 @@ def test_a_free_slot_goes_to_the_rotation_that_queued_for_it_first(state_url):
     store.renew(patient, "w2", waiting, now[0] + 120)
     store.renew(hog, "w1", first, now[0] + 120)
     assert store.take_slot("host:db", 2, patient, "w2", waiting, **live)
+
+
+def test_facts_read_outside_act_come_from_the_world_too(tmp_path):
+    """A roll back or a drop may call its facts function itself (not through `Context.act`):
+    the function is marked, and never served from the advance's cache."""
+    from rotation import appcreds
+
+    sm = FakeSecrets({"username": "old", "password": "pw-1"})
+    seen: list[dict[str, Any]] = []
+
+    def step(ctx: Context) -> Outcome:
+        assert _user(ctx) == "old"
+        sm.value = {"username": "by-hand", "password": "pw-2"}
+        assert _user(ctx) == "old"  # the step's own read is kept for the advance
+        seen.append(dict(appcreds.secret_users(ctx)))
+        return Done("read")
+
+    engine = _secret_engine(tmp_path, {"look": step}, sm)
+    rotation = engine.start("mysql", "app0", "staging", "U1")
+    assert engine.advance(rotation.id).status == "done"
+    assert seen == [{"AWSCURRENT in staging": "by-hand", "AWSPENDING in staging": "by-hand"}]
