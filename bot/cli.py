@@ -287,7 +287,8 @@ def _drive(engine: Engine, policy: Policy, rotation_id: int, actor: str, yes: bo
             else:
                 engine.reject(rotation.id, step.name, actor)
             continue
-        delay = max(0.0, (step.next_check_at or engine.clock()) - engine.clock())
+        delay = max(0.0, (step.next_check_at or engine.clock()) - engine.clock(),
+                    (rotation.next_run_at or 0) - engine.clock())  # e.g. its host is full
         if step.status == "waiting" and not follow and delay > PARK_SECONDS:
             if waiting_shown:
                 click.echo()

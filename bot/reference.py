@@ -32,6 +32,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ROTOR_BIND": ("0.0.0.0", "Address `rotor serve` listens on in HTTP mode."),
     "ROTOR_HTTP_TIMEOUT": ("10", "Seconds before an idle or half-sent HTTP connection is closed."),
     "PORT": ("3000", "Port of `rotor serve` (HTTP mode, `/healthz` and `/readyz`)."),
+    "ROTOR_WORKERS": ("4", "Engine worker threads in `rotor serve`, each with its own engine "
+                           "and state DB connection."),
+    "ROTOR_PER_HOST": ("2", "Rotations at once per database host, across workers and replicas."),
+    "ROTOR_PER_ACCOUNT": ("10", "Rotations at once per AWS account (Secrets Manager's shared "
+                                "write quota)."),
     "ROTOR_EXTRA_KINDS": ("", "`module:attribute` naming a dict of extra rotation kinds "
                               "(plug-ins, tests)."),
     "SLACK_BOT_TOKEN": ("", "The bot token (`xoxb-…`); without it `rotor serve` runs no bot."),

@@ -32,7 +32,7 @@ from bot.notify import SlackSecondLine
 from bot.reporter import Reporter
 from bot.settings import Settings
 from bot.wiring import build_engine
-from bot.worker import AcksFirst, EngineWorker, Jobs, remind_and_expire
+from bot.worker import AcksFirst, EnginePool, Jobs, remind_and_expire
 from rotation.errors import ConfigError
 from rotation.policy import Policy
 
@@ -307,7 +307,11 @@ class Service:
             second_line.store = self.engine.store
         self.second_line = second_line
         self.metrics = RotorMetrics(self.engine, slack=client is not None, clock=clock)
-        self.worker = EngineWorker(self.engine)
+        # The engine above serves people (commands, clicks); the pool's engines run steps,
+        # each with its own store connection and lease owner, sharing the clients.
+        self.worker = EnginePool([
+            build_engine(settings, clients=self.engine.clients, second_line=second_line,
+                         clock=clock) for _ in range(settings.workers)])
         self.answering = AcksFirst()
         self.jobs = Jobs(handlers.report_error, acks=self.answering)
         slack_events: WSGIApp | None = None
@@ -330,6 +334,8 @@ class Service:
                 slack_events = SlackRequestHandler(app, EVENTS_PATH)
         self.client = client
         self.engine.on_change = self._changed
+        for engine in self.worker.engines:
+            engine.on_change = self._changed
         self.http = http_server(host, settings.port,
                                 web_app(slack_events, self.problems, self.answering,
                                         settings.slack_signing_secret, self.warnings,

@@ -35,6 +35,9 @@ class Settings:
     log_format: str = "text"  # or "json": one JSON object a line
     # "module:attribute" naming a dict of extra rotation kinds (tests and plug-ins).
     extra_kinds: str | None = None
+    workers: int = 4  # ROTOR_WORKERS: engine threads in `rotor serve`, each with its own engine
+    per_host: int = 2  # ROTOR_PER_HOST: rotations at once per database host
+    per_account: int = 10  # ROTOR_PER_ACCOUNT: rotations at once per AWS account
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None,
@@ -58,7 +61,17 @@ class Settings:
             log_level=_log_level(env.get("ROTOR_LOG_LEVEL") or "INFO"),
             log_format=_log_format(env.get("ROTOR_LOG_FORMAT") or "text"),
             extra_kinds=env.get("ROTOR_EXTRA_KINDS") or None,
+            workers=_count(env, "ROTOR_WORKERS", 4),
+            per_host=_count(env, "ROTOR_PER_HOST", 2),
+            per_account=_count(env, "ROTOR_PER_ACCOUNT", 10),
         )
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name) or str(default)
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}: {value!r} is not a whole number of at least 1")
+    return int(value)
 
 
 def _log_level(value: str) -> str:

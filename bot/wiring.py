@@ -68,6 +68,9 @@ def build_engine(settings: Settings, *, clients: Any = None,
                  second_line: SecondLine | None = None,
                  clock: Callable[[], float] = time.time) -> Engine:
     store = Store(settings.state_path, clock=clock)
-    return Engine(store, settings.catalogue, kinds(settings.extra_kinds),
-                  clients or Clients(settings.catalogue, kubeconfig=settings.kubeconfig),
-                  second_line=second_line, clock=clock)
+    engine = Engine(store, settings.catalogue, kinds(settings.extra_kinds),
+                    clients or Clients(settings.catalogue, kubeconfig=settings.kubeconfig),
+                    second_line=second_line, clock=clock)
+    engine.per_host = settings.per_host
+    engine.per_account = settings.per_account
+    return engine

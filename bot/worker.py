@@ -27,13 +27,14 @@ ErrorHandler = Callable[[BaseException, Reply], None]
 class EngineWorker:
     """One thread that runs every due rotation, woken early by any change."""
 
-    def __init__(self, engine: Engine, *, idle: float = 15.0, after_error: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, idle: float = 15.0, after_error: float = 5.0,
+                 name: str = "rotor-engine") -> None:
         self.engine = engine
         self.idle = idle  # re-read the DB this often anyway: other processes add rotations
         self.after_error = after_error
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rotor-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -63,6 +64,52 @@ class EngineWorker:
                 delay = self.after_error
             self._wake.wait(self.idle if delay is None else min(delay, self.idle))
         log.info("worker: stopped")
+
+
+class EnginePool:
+    """A bounded pool of `EngineWorker`s, each with its own engine (so its own lease owner)
+    and its own state DB connection: an engine shared by two threads is unsafe.
+
+    The store hands out due work (`Store.claim_due`: FOR UPDATE SKIP LOCKED on PostgreSQL,
+    BEGIN IMMEDIATE on SQLite), oldest due first, so two workers never run one rotation and
+    no app waits for all the others. A hung database ties up the one worker that reached it,
+    until its bounded timeout; the others keep going.
+    """
+
+    def __init__(self, engines: list[Engine], *, idle: float = 15.0,
+                 after_error: float = 5.0) -> None:
+        if not engines:
+            raise ValueError("a pool needs at least one engine")
+        owners = {engine.worker_id for engine in engines}
+        if len(owners) != len(engines) or len({id(e.store) for e in engines}) != len(engines):
+            raise ValueError("each worker needs its own engine and store")
+        self.workers = [EngineWorker(engine, idle=idle, after_error=after_error,
+                                     name=f"rotor-engine-{i}")
+                        for i, engine in enumerate(engines)]
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [worker.engine for worker in self.workers]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def wake(self, rotation_id: int | None = None) -> None:
+        for worker in self.workers:
+            worker.wake(rotation_id)
+
+    @property
+    def alive(self) -> bool:
+        return all(worker.alive for worker in self.workers)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Tell every worker at once, then wait for each (their running steps finish)."""
+        for worker in self.workers:
+            worker._stop.set()
+            worker._wake.set()
+        for worker in self.workers:
+            worker.stop(timeout)
 
 
 class AcksFirst:

@@ -15,7 +15,7 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from rotation import consumers, redact
+from rotation import consumers, readcache, redact
 from rotation import secrets as sm_secrets
 from rotation.catalogue import AppTarget
 from rotation.engine import Context, Done, Outcome, Step, Wait
@@ -58,6 +58,17 @@ def admin_password(ctx: Context, env: str | None = None) -> str:
     return password
 
 
+def db_host(catalogue: Any, clients: Any, app: str, env: str) -> str:
+    """The app's database instance, "host:port", from its secret (plain fields only): the
+    resource the engine's per-host limit counts."""
+    t = catalogue.target(app, env)
+    value = sm_secrets.read_json(clients.aws(env, "secretsmanager"), t.secret,
+                                 required=sm_secrets.APP_KEYS)
+    if value is None:
+        raise SecretError(f"secret {t.secret} has no AWSCURRENT version")
+    return f"{value['host']}:{value['port']}"
+
+
 def stage_pending(ctx: Context, new_username: str) -> dict[str, Any]:
     """Make sure AWSPENDING holds `new_username` and a fresh password; return that version.
 
@@ -90,6 +101,7 @@ def pending_secret(ctx: Context) -> dict[str, Any]:
 # -- what the world says, for destructive steps and cancel ----------------------------------
 
 
+@readcache.from_the_world
 def secret_users(ctx: Context, env: str | None = None) -> dict[str, str | None]:
     """Who the app's secret names, read now: "AWSCURRENT in staging" -> username, for this
     environment and every environment restored from it (whose database gets its users)."""
@@ -103,6 +115,7 @@ def secret_users(ctx: Context, env: str | None = None) -> dict[str, str | None]:
     return found
 
 
+@readcache.from_the_world
 def retire_facts(ctx: Context, old: str, accounts: list[str], sessions: int,
                  env: str | None = None) -> Facts:
     """The preconditions of dropping or retiring the app's old database user, read now: it is
@@ -172,6 +185,7 @@ def named_users(ctx: Context, env: str | None = None) -> dict[str, list[str]]:
     return found
 
 
+@readcache.from_the_world
 def leftover_facts(ctx: Context, made: dict[str, int], mounted: dict[str, str],
                    env: str | None = None) -> Facts:
     """Which of the users Rotor made for the app (`made`: name -> sessions) nothing uses, read

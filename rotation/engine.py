@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from rotation import fence, redact, timeouts
+from rotation import fence, readcache, redact, timeouts
 from rotation.catalogue import Catalogue
 from rotation.errors import (
     InvalidTransition,
@@ -48,6 +48,7 @@ from rotation.store import (
 log = logging.getLogger("rotor.engine")
 
 LEASE_SECONDS = timeouts.LEASE_SECONDS
+SLOT_RETRY = 0.5  # seconds before a rotation that found its host or account full is tried again
 SYSTEM = "rotor"
 GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
 
@@ -232,12 +233,14 @@ class Context:
         read once more, immediately before acting: refused, the step fails; changed, the
         approval is asked for again. Returns the facts just read, for the action to use.
         """
-        facts = read()
+        with readcache.fresh():  # facts come from the world, never from this advance's reads
+            facts = read()
         if facts.refused:
             raise StepFailed(facts.refused)
         self.approve(describe(facts), gate=gate, destructive=destructive, binds=facts.seen,
                      four_eyes=four_eyes)
-        now = read()
+        with readcache.fresh():
+            now = read()
         if now.refused:
             raise StepFailed(now.refused)
         if now.seen != facts.seen:
@@ -311,6 +314,11 @@ class Engine:
         self.second_line = second_line
         self.clock = clock or store.clock
         self.worker_id = process_identity()
+        # At most this many rotations at once per database host and per AWS account, across
+        # every worker and replica (None: no limit). Set from ROTOR_PER_HOST, ROTOR_PER_ACCOUNT.
+        self.per_host: int | None = None
+        self.per_account: int | None = None
+        self._hosts: dict[tuple[str, str], str] = {}
         # The lease is renewed this often while a step runs (None: only at side effects).
         self.heartbeat: float | None = timeouts.HEARTBEAT_SECONDS
         timeouts.check(timeouts.BOUNDS, LEASE_SECONDS, timeouts.HEARTBEAT_SECONDS)
@@ -385,16 +393,66 @@ class Engine:
         lease = fence.Lease(self.store, rotation_id, self.worker_id, token,
                             seconds=LEASE_SECONDS, clock=self.clock)
         try:
-            with lease.held():
+            with lease.held(), readcache.per_advance():
+                full = self._take_slots(rotation_id, token)
+                if full is not None:
+                    return self._later(rotation_id, full)
                 return self._advance(rotation_id, lease)
         except LeaseLost as exc:
             # Another worker has the rotation now; what this one had not done stays undone.
             log.warning("advance: #%s %s", rotation_id, exc)
             return self.store.rotation(rotation_id)
         finally:
+            if self.per_host or self.per_account:
+                self.store.release_slots(rotation_id, self.worker_id, token)
             self.store.release(rotation_id, self.worker_id, token)
             with self._released:
                 self._released.notify_all()
+
+    def _resources(self, rotation: RotationRow) -> list[tuple[str, int]]:
+        """The limited resources this rotation uses: its database host, its AWS account."""
+        found: list[tuple[str, int]] = []
+        if self.per_account:
+            arn = self.catalogue.environment(rotation.env).aws_role_arn
+            found.append((f"account:{arn.split(':')[4] if arn else 'default'}",
+                          self.per_account))
+        kind = self.kind(rotation.kind)
+        db_host = getattr(kind, "db_host", None)
+        if self.per_host and db_host is not None:
+            where = (rotation.target, rotation.env)
+            if where not in self._hosts:  # an instance does not move: asked once an engine
+                self._hosts[where] = db_host(self.catalogue, self.clients, *where)
+            found.append((f"host:{self._hosts[where]}", self.per_host))
+        return found
+
+    def _take_slots(self, rotation_id: int, token: int) -> str | None:
+        """Take a slot of every limited resource the rotation uses; None when all were
+        taken, else which resource is full (the slots taken are given back at once)."""
+        if not (self.per_host or self.per_account):
+            return None
+        rotation = self.store.rotation(rotation_id)
+        if rotation.status != ACTIVE:
+            return None
+        try:
+            resources = self._resources(rotation)
+        except Exception as exc:  # the step's own read fails with the reason
+            # (this advance's cache keeps the failure: the step does not wait on it again)
+            log.warning("limits: #%s database host unknown (%s); running without its limit",
+                        rotation_id, redact.redact(type(exc).__name__))
+            return None
+        for resource, limit in resources:
+            if self.store.take_slot(resource, limit, rotation_id, self.worker_id, token,
+                                    is_stale=holder_is_dead) is None:
+                self.store.release_slots(rotation_id, self.worker_id, token)
+                return resource
+        return None
+
+    def _later(self, rotation_id: int, resource: str) -> RotationRow:
+        """The rotation's host or account is full: look again soon, holding no worker."""
+        log.info("limits: #%s waits for a slot of %s", rotation_id, resource)
+        with self.store.transaction():
+            self.store.update_rotation(rotation_id, next_run_at=self.clock() + SLOT_RETRY)
+        return self.store.rotation(rotation_id)
 
     def _advance(self, rotation_id: int, lease: fence.Lease) -> RotationRow:
         while True:
@@ -793,7 +851,8 @@ class Engine:
         ctx = Context(self, rotation, step, dict(rotation.data), self.clients)
         actor = rotation.cancel_requested_by or SYSTEM
         try:
-            what = self.kind(rotation.kind).cancel(ctx)
+            with readcache.fresh():  # a cancel decides from the secret's real stages
+                what = self.kind(rotation.kind).cancel(ctx)
         except RotorError as exc:
             reason = redact.redact(f"cancel could not finish: {exc}")
             with self.store.transaction():

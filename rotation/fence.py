@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from rotation import readcache
 from rotation.errors import LeaseLost
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ def guard_aws(model: Any = None, params: Any = None, **_: Any) -> None:
         body = params.get("body") if isinstance(params, dict) else None
         status = body.get("Status") if isinstance(body, dict) else None
         guard(f"call AWS {name}" + (f" {status}" if isinstance(status, str) else ""))
+        readcache.invalidate()  # what this advance read may change now
 
 
 # Statements that read or only set up the session. Anything else changes something.

@@ -37,7 +37,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rotation import consumers, redact
+from rotation import consumers, readcache, redact
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, KeyPlaces, ManualPlace, SecretField
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
@@ -223,6 +223,7 @@ def _old(ctx: Context, keys: list[AccessKey]) -> AccessKey | None:
     return _find(keys, ctx.data["old_key_id"])
 
 
+@readcache.from_the_world
 def _key_facts(ctx: Context, key_id: str, action: str) -> Facts:
     """The preconditions of deactivating or deleting `key_id`, read now: no catalogued or
     scanned secret's AWSCURRENT holds it, and (once there is a new key) every catalogued

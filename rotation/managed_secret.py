@@ -23,7 +23,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rotation import consumers, mysql_db, postgres_db, redact
+from rotation import consumers, mysql_db, postgres_db, readcache, redact
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Consumers
 from rotation.engine import Context, Done, Outcome, Step, Wait
@@ -284,6 +284,7 @@ def _login_problem(ctx: Context, values: Mapping[str, str]) -> str | None:
     return None if ok else f"login as {values['username']} refused"
 
 
+@readcache.from_the_world
 def _rollback_facts(ctx: Context, before: str, new: str) -> Facts:
     """The preconditions of a roll back, read now: AWSCURRENT is still the version this
     rotation made, the version it returns to still exists, and its credentials work."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import pymysql
 
-from rotation import appcreds, mysql_db
+from rotation import appcreds, mysql_db, readcache
 from rotation.catalogue import Catalogue
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
 from rotation.errors import StepFailed, UnknownName
@@ -30,13 +30,12 @@ def _endpoint(ctx: Context, user: str, password: str, database: str | None = Non
 
 @contextmanager
 def admin(ctx: Context) -> Iterator[pymysql.Connection]:
-    """A connection as the RDS admin user (`aws_db_admin`)."""
+    """A connection as the RDS admin user (`aws_db_admin`), one for the whole advance."""
     t = appcreds.target(ctx)
-    conn = mysql_db.connect(_endpoint(ctx, t.admin_user, appcreds.admin_password(ctx)))
-    try:
+    endpoint = _endpoint(ctx, t.admin_user, appcreds.admin_password(ctx))
+    key = ("mysql-admin", endpoint.host, endpoint.port, endpoint.user, endpoint.password)
+    with readcache.connection(key, lambda: mysql_db.connect(endpoint)) as conn:
         yield conn
-    finally:
-        conn.close()
 
 
 def preflight(ctx: Context) -> Outcome:
@@ -323,6 +322,10 @@ class MySQLKind:
 
     def cancel(self, ctx: Context) -> str:
         return appcreds.cancel(ctx)
+
+    def db_host(self, catalogue: Catalogue, clients: Any, target: str, env: str) -> str:
+        """The instance the per-host limit counts this rotation against."""
+        return appcreds.db_host(catalogue, clients, target, env)
 
 
 KIND = MySQLKind()

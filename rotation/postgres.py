@@ -667,5 +667,9 @@ class PostgresKind:
     def cancel(self, ctx: Context) -> str:
         return appcreds.cancel(ctx)
 
+    def db_host(self, catalogue: Catalogue, clients: Any, target: str, env: str) -> str:
+        """The instance the per-host limit counts this rotation against."""
+        return appcreds.db_host(catalogue, clients, target, env)
+
 
 KIND = PostgresKind()

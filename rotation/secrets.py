@@ -12,7 +12,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rotation import redact
+from rotation import readcache, redact
 from rotation.errors import SecretError
 
 APP_KEYS = ("host", "port", "dbname", "username", "password")
@@ -32,7 +32,18 @@ def read_json(sm: Any, secret_id: str, *, stage: str = "AWSCURRENT", version: st
 
     Every string field is registered with the redactor, but for PLAIN_FIELDS; with
     `secret_fields`, only those are (an access key ID is no secret, and the thread names it).
+    Read once per advance (`rotation.readcache`), but never for a destructive step's facts.
     """
+    key = ("secret", id(sm), secret_id, stage, version, required, secret_fields)
+    return readcache.read(key, lambda: _read_json(sm, secret_id, stage=stage, version=version,
+                                                  required=required,
+                                                  secret_fields=secret_fields),
+                          lambda value: None if value is None else dict(value))
+
+
+def _read_json(sm: Any, secret_id: str, *, stage: str, version: str | None,
+               required: tuple[str, ...],
+               secret_fields: tuple[str, ...] | None) -> dict[str, Any] | None:
     where = f"version {version}" if version else f"({stage})"
     try:
         response = sm.get_secret_value(
@@ -77,6 +88,7 @@ def version_with(sm: Any, secret_id: str, stage: str) -> str | None:
 
 def put_pending(sm: Any, secret_id: str, value: dict[str, Any]) -> str:
     """Write `value` as a new version labelled AWSPENDING; returns its version id."""
+    readcache.invalidate()  # also done by the fence's hook; fakes of sm have none
     body = {k: v for k, v in value.items() if not k.startswith("_")}
     try:
         response = sm.put_secret_value(SecretId=secret_id, SecretString=json.dumps(body),
@@ -92,6 +104,7 @@ def promote(sm: Any, secret_id: str, version_id: str) -> bool:
 
     Returns False when it was already current: promoting twice is harmless.
     """
+    readcache.invalidate()  # also done by the fence's hook; fakes of sm have none
     current = version_with(sm, secret_id, "AWSCURRENT")
     changed = False
     try:
@@ -111,6 +124,7 @@ def promote(sm: Any, secret_id: str, version_id: str) -> bool:
 
 def unstage(sm: Any, secret_id: str, stage: str, version_id: str) -> bool:
     """Remove `stage` from `version_id` if it is there."""
+    readcache.invalidate()  # also done by the fence's hook; fakes of sm have none
     if stage not in versions(sm, secret_id).get(version_id, []):
         return False
     sm.update_secret_version_stage(SecretId=secret_id, VersionStage=stage,
@@ -120,6 +134,7 @@ def unstage(sm: Any, secret_id: str, stage: str, version_id: str) -> bool:
 
 def put_current(sm: Any, secret_id: str, value: dict[str, Any]) -> str:
     """Write `value` as the new AWSCURRENT (AWSPREVIOUS keeps the old one)."""
+    readcache.invalidate()  # also done by the fence's hook; fakes of sm have none
     body = {k: v for k, v in value.items() if not k.startswith("_")}
     try:
         response = sm.put_secret_value(SecretId=secret_id, SecretString=json.dumps(body))

@@ -552,6 +552,73 @@ class Store:
                        [owner, until, name])
             return True
 
+    def take_slot(self, resource: str, limit: int, rotation_id: int, owner: str, token: int,
+                  *, is_stale: Callable[[str], bool] = holder_is_dead,
+                  patience: float = 5.0) -> str | None:
+        """One of `limit` slots of `resource` (a database host, an AWS account) for the
+        rotation's claim (`owner`, `token`): the slot's name, or None when all are taken.
+
+        A slot is held while the claim that took it still holds its rotation's lease: when
+        the lease expires, is taken over, or its holder's process is gone, the slot is free
+        again, so a crashed worker never keeps one. Across replicas: the slots are rows.
+        Fair: a rotation that found the slots taken queues (a `queue:` row, first come first
+        served); a free slot goes to those queued longer first, so rotations that come back
+        often (short waits) cannot starve the others. A queued rotation that stopped asking
+        for `patience` seconds (finished, cancelled) is forgotten.
+        """
+        names = [f"slot:{resource}#{i}" for i in range(limit)]
+        queue = f"queue:{resource}#"
+        mine = f"{rotation_id} {token} {owner}"
+        now = self.clock()
+        with self.transaction(fenced=False) as db:
+            marks = ", ".join("?" for _ in names)
+            held = dict(db.execute("SELECT name, owner FROM locks WHERE name IN ("  # noqa: S608
+                                   + marks + ")" + self.for_update, names).fetchall())
+            for name in names:
+                if held.get(name) == mine:
+                    return name
+            db.execute("DELETE FROM locks WHERE substr(name, 1, ?) = ? AND until < ?",
+                       [len(queue), queue, now - patience])
+            waiting = sorted((float(first), name) for name, first in db.execute(
+                "SELECT name, owner FROM locks WHERE substr(name, 1, ?) = ?",
+                [len(queue), queue]).fetchall())
+            me = queue + str(rotation_id)
+            ahead = next((i for i, (_, name) in enumerate(waiting) if name == me), len(waiting))
+            free = [name for name in names if name not in held
+                    or not self._slot_alive(db, held[name], is_stale)]
+            if len(free) > ahead:
+                for name in free:
+                    if name not in held:
+                        taken = db.execute("INSERT INTO locks (name, owner, until) VALUES "
+                                           "(?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                                           [name, mine, now]).rowcount == 1
+                    else:
+                        db.execute("UPDATE locks SET owner = ?, until = ? WHERE name = ?",
+                                   [mine, now, name])
+                        taken = True
+                    if taken:
+                        db.execute("DELETE FROM locks WHERE name = ?", [me])
+                        return name
+            db.execute("INSERT INTO locks (name, owner, until) VALUES (?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET until = excluded.until",
+                       [me, repr(now), now])
+        return None
+
+    def _slot_alive(self, db: Db, holder: str, is_stale: Callable[[str], bool]) -> bool:
+        rotation_id, token, owner = (holder.split(" ", 2) + ["", "", ""])[:3]
+        if not rotation_id.isdigit() or not token.isdigit():
+            return False
+        row = db.execute("SELECT lease_owner, lease_until, lease_token FROM rotations "
+                         "WHERE id = ?", [int(rotation_id)]).fetchone()
+        return (row is not None and row[0] == owner and row[2] == int(token)
+                and (row[1] or 0) > self.clock() and not is_stale(owner))
+
+    def release_slots(self, rotation_id: int, owner: str, token: int) -> None:
+        """Give back every slot this claim holds."""
+        with self.transaction(fenced=False) as db:
+            db.execute("DELETE FROM locks WHERE name LIKE 'slot:%' AND owner = ?",
+                       [f"{rotation_id} {token} {owner}"])
+
     def prune_locks(self, prefix: str, expired_before: float) -> int:
         """Forget locks under `prefix` that expired before `expired_before`."""
         with self.transaction() as db:
