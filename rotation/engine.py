@@ -334,7 +334,8 @@ class Engine:
             raise UnknownName(f"unknown rotation kind {name!r}") from None
 
     def start(self, kind_name: str, target: str, env: str, initiator: str,
-              params: Mapping[str, Any] | None = None) -> RotationRow:
+              params: Mapping[str, Any] | None = None, *,
+              fleet_id: int | None = None) -> RotationRow:
         """Create the rotation and its steps; the worker picks it up from there."""
         params = dict(params or {})
         kind = self.kind(kind_name)
@@ -343,7 +344,7 @@ class Engine:
         steps = kind.steps(self.catalogue, target, env, params)
         rotation_id = self.store.create_rotation(
             kind_name, target, env, initiator, params,
-            [(s.name, s.title, s.destructive) for s in steps])
+            [(s.name, s.title, s.destructive) for s in steps], fleet_id=fleet_id)
         log.info("start: #%s %s rotation of %s in %s by %s", rotation_id, kind_name, target,
                  env, initiator)
         self.on_change(rotation_id)

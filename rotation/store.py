@@ -103,6 +103,7 @@ class RotationRow:
     cancel_requested_by: str | None
     steps: tuple[StepRow, ...] = ()
     lease_token: int = 0
+    fleet_id: int | None = None  # the fleet (`rotor rotate --all`) this rotation belongs to
 
     @property
     def current(self) -> StepRow | None:
@@ -146,6 +147,28 @@ class AuditRow:
     hash: str | None = None  # chained to the previous row's (rotation.audit_chain)
 
 
+@dataclass(frozen=True)
+class FleetRow:
+    """A fleet: several apps rotated together after one plan and one confirmation.
+
+    `status` is the fleet's own: planned (shown, not yet confirmed), confirming (confirmed by
+    its starter, waiting for a second person: four-eyes), started (its rotations exist) or
+    cancelled. Once started, what it is doing comes from its rotations (rotation.fleet)."""
+
+    id: int
+    env: str
+    initiator: str
+    params: dict[str, Any]
+    plan: list[dict[str, Any]]
+    status: str
+    created_at: float
+    confirmed_by: str | None
+    confirmed_at: float | None
+    message_ref: str | None
+
+
+_FLEET_FIELDS = [f.name for f in fields(FleetRow)]
+_FLEET_SELECT = ", ".join(_FLEET_FIELDS)
 _STEP_FIELDS = [f.name for f in fields(StepRow)]
 _ROTATION_FIELDS = [f.name for f in fields(RotationRow) if f.name != "steps"]
 # The rows' own field names: identifiers of ours, so reads need no quoting (nor sqlite-utils).
@@ -388,12 +411,15 @@ class Store:
         self._insert(db, "audit", row)
 
     def create_rotation(self, kind: str, target: str, env: str, initiator: str,
-                        params: dict[str, Any], steps: list[tuple[str, str, bool]]) -> int:
+                        params: dict[str, Any], steps: list[tuple[str, str, bool]], *,
+                        fleet_id: int | None = None) -> int:
         now = self.clock()
         _guard({"params": params})
         row = {"kind": kind, "target": target, "env": env, "status": ACTIVE,
                "initiator": initiator, "params": json.dumps(params, sort_keys=True),
                "data": "{}", "created_at": now, "updated_at": now, "next_run_at": now}
+        if fleet_id is not None:
+            row["fleet_id"] = fleet_id
         _guard(row)
         try:
             with self.transaction() as db:
@@ -667,6 +693,68 @@ class Store:
             db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value])
 
+    # -- fleets ---------------------------------------------------------------------------
+
+    def create_fleet(self, env: str, initiator: str, params: dict[str, Any],
+                     plan: list[dict[str, Any]]) -> int:
+        """Record a fleet's plan (status planned); nothing runs until it is confirmed."""
+        row = {"env": env, "initiator": initiator, "params": json.dumps(params, sort_keys=True),
+               "plan": json.dumps(plan, sort_keys=True), "status": "planned",
+               "created_at": self.clock()}
+        _guard(row)
+        with self.transaction(fenced=False) as db:
+            fleet_id = self._insert(db, "fleets", row)
+            assert fleet_id is not None
+            self.audit(None, "fleet-planned", initiator, to_status="planned",
+                       detail=f"fleet #{fleet_id} in {env}: "
+                              f"{sum(1 for p in plan if not p.get('skip'))} apps")
+        return fleet_id
+
+    def move_fleet(self, fleet_id: int, from_status: str, to_status: str, actor: str, *,
+                   plan: list[dict[str, Any]] | None = None, confirmed: bool = False) -> bool:
+        """Compare-and-set the fleet's status (a double click or two people: one wins)."""
+        values: dict[str, Any] = {"status": to_status}
+        if plan is not None:
+            values["plan"] = json.dumps(plan, sort_keys=True)
+        if confirmed:
+            values["confirmed_by"], values["confirmed_at"] = actor, self.clock()
+        _guard(values)
+        sets = ", ".join(quote_identifier(k) + " = ?" for k in values)
+        with self.transaction(fenced=False) as db:
+            moved = db.execute("UPDATE fleets SET " + sets  # noqa: S608
+                               + " WHERE id = ? AND status = ?",
+                               [*values.values(), fleet_id, from_status]).rowcount == 1
+            if moved:
+                self.audit(None, f"fleet-{to_status}", actor, from_status=from_status,
+                           to_status=to_status, detail=f"fleet #{fleet_id}")
+        return moved
+
+    def set_fleet_message(self, fleet_id: int, ref: str) -> None:
+        """Where the fleet's one Slack message is (channel:ts)."""
+        _guard({"ref": ref})
+        with self._session() as db:
+            db.execute("UPDATE fleets SET message_ref = ? WHERE id = ?", [ref, fleet_id])
+
+    def fleet(self, fleet_id: int) -> FleetRow:
+        with self._session() as db:
+            row = db.execute("SELECT " + _FLEET_SELECT + " FROM fleets WHERE id = ?",  # noqa: S608
+                             [fleet_id]).fetchone()
+        if row is None:
+            raise UnknownName(f"no fleet #{fleet_id}")
+        values = dict(zip(_FLEET_FIELDS, row, strict=True))
+        values["params"] = json.loads(values["params"])
+        values["plan"] = json.loads(values["plan"])
+        return FleetRow(**values)
+
+    def fleets(self, limit: int = 5) -> list[FleetRow]:
+        """The most recent fleets, newest first."""
+        return [self.fleet(i) for i in
+                self._ids("SELECT id FROM fleets ORDER BY id DESC LIMIT ?", [limit])]
+
+    def fleet_rotations(self, fleet_id: int) -> list[RotationRow]:
+        return [self.rotation(i) for i in
+                self._ids("SELECT id FROM rotations WHERE fleet_id = ? ORDER BY id", [fleet_id])]
+
     # -- reads ----------------------------------------------------------------------------
 
     def rotation(self, rotation_id: int) -> RotationRow:
@@ -735,7 +823,7 @@ class Store:
 
     # -- moving state (`rotor state copy`) ----------------------------------------------
 
-    TABLES = ("rotations", "steps", "audit", "requests", "locks", "kv")
+    TABLES = ("fleets", "rotations", "steps", "audit", "requests", "locks", "kv")
 
     def is_empty(self) -> bool:
         with self._session() as db:

@@ -141,12 +141,36 @@ def _m4_audit_chain(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE audit ADD COLUMN hash TEXT")
 
 
+def _m5_fleets(db: sqlite_utils.Database) -> None:
+    """A fleet (`rotor rotate --all ENV`) is a record of its own: the plan that was shown, who
+    started and who confirmed it; its rotations point at it."""
+    db.executescript(
+        """
+        CREATE TABLE fleets (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            env TEXT NOT NULL,
+            initiator TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}',
+            plan TEXT NOT NULL DEFAULT '[]',
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            confirmed_by TEXT,
+            confirmed_at REAL,
+            message_ref TEXT
+        );
+        ALTER TABLE rotations ADD COLUMN fleet_id INTEGER REFERENCES fleets (id);
+        CREATE INDEX rotations_fleet ON rotations (fleet_id);
+        """
+    )
+
+
 # Numbered migrations: append, never edit. PRAGMA user_version records how many ran.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_bound_approvals,
     _m3_fencing_token,
     _m4_audit_chain,
+    _m5_fleets,
 ]
 
 

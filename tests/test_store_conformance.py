@@ -15,7 +15,7 @@ import pytest
 
 from rotation import fence, redact, store_pg, store_sqlite
 from rotation.errors import LeaseLost, RotationConflict, RotorError
-from rotation.store import DONE, SecretInState, StepRow, Store
+from rotation.store import DONE, FleetRow, SecretInState, StepRow, Store
 from rotation.store_pg import MIGRATIONS as PG_MIGRATIONS
 from rotation.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 
@@ -244,3 +244,50 @@ def test_a_rotation_is_read_at_one_moment(opened, monkeypatch):
     assert (row.next_run_at, row.step(1).decision) == (before, None)
     again = reader.rotation(rid)
     assert (again.next_run_at, again.step(1).decision) == (5.0, "approved")
+
+
+def test_a_fleet_is_a_record_grouping_its_rotations_with_a_computed_status(
+        opened: Callable[..., Store]) -> None:
+    from rotation import fleet as fleets
+
+    store = opened()
+    plan = [{"app": "signon", "kind": "mysql", "action": "2 steps"},
+            {"app": "other", "kind": "mysql", "action": "2 steps"},
+            {"app": "gone", "kind": "mysql", "skip": "already rotating (#9)"}]
+    fid = store.create_fleet("staging", "alice", {"compromised": True}, plan)
+    row = store.fleet(fid)
+    assert (row.status, row.plan, row.params) == ("planned", plan, {"compromised": True})
+    assert fleets.status(row, []).word == "waiting"
+    # Confirming is compare-and-set across processes: one of four wins.
+    others = [opened() for _ in range(4)]
+    won = _together([lambda s=s, i=i: s.move_fleet(fid, "planned", "started", f"user{i}",
+                                                   confirmed=True)
+                     for i, s in enumerate(others)])
+    assert won.count(True) == 1
+    assert store.fleet(fid).confirmed_by == f"user{won.index(True)}"
+    first = store.create_rotation("mysql", "signon", "staging", "alice", {}, STEPS,
+                                  fleet_id=fid)
+    second = store.create_rotation("mysql", "other", "staging", "alice", {}, STEPS,
+                                   fleet_id=fid)
+    _start(store, "loner")  # not in the fleet
+    members = store.fleet_rotations(fid)
+    assert [r.id for r in members] == [first, second]
+    assert {r.fleet_id for r in members} == {fid}
+    assert fleets.status(store.fleet(fid), members).word == "running"
+    with store.transaction():
+        store.update_step(second, 0, status="done")
+        store.update_step(second, 1, status="needs-approval")
+    waiting = fleets.status(store.fleet(fid), store.fleet_rotations(fid))
+    assert (waiting.word, waiting.detail) == ("waiting", "on approval of retire")
+    with store.transaction():
+        store.update_step(first, 0, status="failed", error="no such user")
+    failed = fleets.status(store.fleet(fid), store.fleet_rotations(fid))
+    assert (failed.word, failed.detail) == ("failed", "signon at preflight: no such user")
+    for rid in (first, second):
+        store.update_rotation(rid, status=DONE)
+    assert fleets.status(store.fleet(fid), store.fleet_rotations(fid)).word == "done"
+    assert [f.id for f in store.fleets()] == [fid]
+    store.set_fleet_message(fid, "C1:123.4")
+    assert store.fleet(fid).message_ref == "C1:123.4"
+    with store.transaction() as db:
+        assert set(store._columns(db, "fleets")) == set(FleetRow.__dataclass_fields__)
