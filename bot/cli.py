@@ -346,22 +346,172 @@ TOLD = click.option("--second-line-told", metavar="HOW", callback=_told, expose_
 
 
 @main.command()
-@click.argument("app")
-@click.argument("env")
+@click.argument("names", nargs=-1, required=True, metavar="APP... ENV")
+@click.option("--all", "every", is_flag=True, help="Every app in the catalogue (a fleet).")
 @YES
 @FOLLOW
 @TOLD
 @click.option("--compromised", is_flag=True,
               help="Credentials are compromised: no overnight wait; every restored copy too.")
 @click.pass_obj
-def rotate(obj: _Obj, app: str, env: str, yes: bool, follow: bool, compromised: bool) -> None:
-    """Start, or resume, the rotation of APP's database credentials in ENV."""
+def rotate(obj: _Obj, names: tuple[str, ...], every: bool, yes: bool, follow: bool,
+           compromised: bool) -> None:
+    """Start, or resume, the rotation of APP's database credentials in ENV; with several
+    apps, or --all, rotate them as one fleet: the plan first, then one confirmation."""
+    *apps, env = names
+    if every and apps:
+        _fail("give either --all ENV or APP... ENV, not both")
+    if not every and not apps:
+        _fail("give the app(s) and the environment: rotor rotate APP... ENV (or --all ENV)")
+    if every or len(apps) > 1:
+        _rotate_fleet(obj, None if every else apps, env, yes, compromised)
+    app = apps[0]
     kind = obj.engine.catalogue.app(app).engine
     environment = obj.engine.catalogue.environment(env)
     check_kube_context(env, environment.kube_context,
                        environment.kubeconfig or obj.settings.kubeconfig)
     _start_or_resume(obj, kind, app, env, yes, follow,
                      {"compromised": True} if compromised else {})
+
+
+def _print_fleet(fleet: Any) -> None:
+    click.echo(f"fleet #{fleet.id} in {fleet.env}"
+               + (" (compromised)" if fleet.params.get("compromised") else "") + ":")
+    for line in fleet.plan:
+        what = f"skipped: {line['skip']}" if line.get("skip") else line.get("action", "")
+        rid = f" #{line['rotation']}" if line.get("rotation") else ""
+        click.echo(f"  {line['app']:<24} {line['kind']:<9} {what}{rid}")
+
+
+def _rotate_fleet(obj: _Obj, apps: list[str] | None, env: str, yes: bool,
+                  compromised: bool) -> NoReturn:
+    """Plan the fleet, show it, take one confirmation, start it (four-eyes: a second person
+    starts it with `rotor approve-fleet ID`), then drive its rotations here."""
+    from rotation import fleet as fleets
+
+    engine = obj.engine
+    environment = engine.catalogue.environment(env)
+    for app in apps or ():
+        engine.catalogue.app(app)
+    check_kube_context(env, environment.kube_context,
+                       environment.kubeconfig or obj.settings.kubeconfig)
+    actor = obj.actor
+    fleet = fleets.propose(engine, obj.policy, actor, apps, env, compromised=compromised)
+    _print_fleet(fleet)
+    count = sum(1 for p in fleet.plan if not p.get("skip"))
+    if not (yes or click.confirm(f"Rotate these {count} apps in {env}?", default=False)):
+        fleets.cancel(engine, fleet.id, actor)
+        _fail(f"fleet #{fleet.id} not started")
+    fleet = fleets.confirm(engine, obj.policy, fleet.id, actor)
+    if fleet.status == fleets.CONFIRMING:
+        click.echo(f"fleet #{fleet.id} needs a second person in {env}: "
+                   f"`rotor approve-fleet {fleet.id}` starts it")
+        sys.exit(PARKED)
+    click.echo(f"started fleet #{fleet.id}: {count} rotations")
+    _drive_fleet(engine, obj.policy, fleet.id, actor, yes)
+
+
+def _drive_fleet(engine: Engine, policy: Policy, fleet_id: int, actor: str,
+                 yes: bool) -> NoReturn:
+    """Advance every rotation of the fleet in turn until each is done, failed, or waits for
+    someone else (or a long wait); one line per change of an app's state. A gate that the
+    actor may approve is asked once for every app waiting at it."""
+    from rotation import fleet as fleets
+    from rotation.policy import person
+    from rotation.store import ACTIVE
+
+    store = engine.store
+    fleet = store.fleet(fleet_id)
+    shown: dict[int, str] = {}
+    asked: set[str] = set()
+    try:
+        while True:
+            rows = store.fleet_rotations(fleet_id)
+            for row in rows:
+                if row.status == ACTIVE and row.next_run_at is not None \
+                        and row.next_run_at <= engine.clock():
+                    engine.advance(row.id)
+            rows = store.fleet_rotations(fleet_id)
+            for row in rows:
+                state = fleets.member_state(row)
+                if shown.get(row.id) != state:
+                    click.echo(f"  {row.target:<24} {state}")
+                    shown[row.id] = state
+            result = fleets.status(fleet, rows)
+            if result.word == "done":
+                click.echo(result.line(fleet))
+                sys.exit(DONE)
+            for gate, members in fleets.waiting_at(rows).items():
+                mine = (policy.may_approve(actor, fleet.env) and not (
+                    engine.catalogue.four_eyes(fleet.env)
+                    and person(actor) == person(fleet.initiator)))
+                if not mine or gate in asked:
+                    continue
+                apps = ", ".join(r.target for r in members)
+                if yes or click.confirm(f"? approve {gate} for {len(members)} apps ({apps})?",
+                                        default=False):
+                    fleets.approve_gate(engine, policy, fleet_id, gate, actor, shown={
+                        r.id: (r.current.gate_digest or "") if r.current else ""
+                        for r in members})
+                else:
+                    asked.add(gate)
+            rows = store.fleet_rotations(fleet_id)
+            now = engine.clock()
+            moving = [r for r in rows if r.status == ACTIVE and r.next_run_at is not None
+                      and r.next_run_at - now <= PARK_SECONDS
+                      and not (r.current and r.current.status == "failed")]
+            if not moving:
+                click.echo(fleets.status(fleet, rows).line(fleet))
+                for gate in fleets.waiting_at(rows):
+                    click.echo(f"  approve: `rotor approve-fleet {fleet_id} --gate {gate}`")
+                click.echo("  `rotor serve` carries the fleet on; `rotor status` shows it")
+                failed = fleets.status(fleet, rows).word == "failed"
+                sys.exit(FAILED if failed else PARKED)
+            wake_at = min(r.next_run_at for r in moving if r.next_run_at is not None)
+            time.sleep(min(0.25, max(0.0, wake_at - now)))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; fleet #{fleet_id} carries on with `rotor serve`", INTERRUPTED)
+
+
+@main.command("approve-fleet")
+@click.argument("fleet_id", type=int)
+@click.option("--gate", metavar="STEP", help="Approve this step for every app waiting at it.")
+@click.option("--yes", is_flag=True, help="Do not ask before approving.")
+@click.pass_obj
+def approve_fleet(obj: _Obj, fleet_id: int, gate: str | None, yes: bool) -> None:
+    """Confirm a fleet as the second person (four-eyes), or with --gate approve one step for
+    every app of the fleet waiting at it (each app's approval bound to what it showed)."""
+    from rotation import fleet as fleets
+
+    engine, actor, policy = obj.engine, obj.actor, obj.policy
+    fleet = engine.store.fleet(fleet_id)
+    if gate is None:
+        if fleet.status != fleets.CONFIRMING:
+            _fail(f"fleet #{fleet_id} is {fleet.status}, not waiting for a second person; "
+                  "approve a step with --gate STEP")
+        _print_fleet(fleet)
+        policy.check_approve(actor, fleet.env)
+        policy.check_four_eyes(actor, fleet.env, fleet.initiator)
+        if not (yes or click.confirm("Start this fleet?", default=False)):
+            _fail(f"fleet #{fleet_id} not started")
+        fleet = fleets.confirm(engine, policy, fleet_id, actor)
+        click.echo(f"fleet #{fleet_id} started: "
+                   f"{sum(1 for p in fleet.plan if p.get('rotation'))} rotations; "
+                   "`rotor serve` carries them on")
+        return
+    members = fleets.waiting_at(engine.store.fleet_rotations(fleet_id), gate).get(gate, [])
+    if not members:
+        _fail(f"no app of fleet #{fleet_id} waits for an approval of {gate}")
+    for row in members:
+        click.echo(f"  #{row.id} {row.target}: {row.current.gate_summary if row.current else ''}")
+    policy.check_approve(actor, fleet.env)
+    policy.check_four_eyes(actor, fleet.env, fleet.initiator)
+    if not (yes or click.confirm(f"Approve {gate} for these {len(members)} apps?",
+                                 default=False)):
+        _fail("nothing approved")
+    approved = fleets.approve_gate(engine, policy, fleet_id, gate, actor, shown={
+        r.id: (r.current.gate_digest or "") if r.current else "" for r in members})
+    click.echo(f"approved {gate} for {len(approved)} of {len(members)} apps")
 
 
 @main.command()
@@ -424,6 +574,10 @@ def status(obj: _Obj, rotation_id: int | None) -> None:
     if rotation_id is not None:
         _print_status(store.rotation(rotation_id))
         return
+    from rotation import fleet as fleets
+
+    for fleet in store.fleets(3):
+        click.echo(fleets.status(fleet, store.fleet_rotations(fleet.id)).line(fleet))
     rows = store.active() or store.recent(10)
     if not rows:
         click.echo("no rotations yet")
