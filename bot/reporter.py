@@ -28,6 +28,7 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
+from bot import fleet_report
 from bot.notify import NOT_IN_CHANNEL, join
 from bot.slack import SLACK_ERRORS
 from handlers import messages
@@ -149,6 +150,12 @@ class Reporter:
                 failed_at = self._deliver_rotation(rotation_id)
                 if failed_at is not None:
                     stuck.append(failed_at)
+            try:
+                fleet_report.refresh(self)
+            except SLACK_ERRORS as exc:
+                log.warning("reporter: fleet tables: Slack unavailable (%s); will retry",
+                            _reason(exc))
+                stuck.append(scanned + 1)
             newest = rows[-1].id if rows else scanned
             done_up_to = min([newest, *(i - 1 for i in stuck)])
             if done_up_to > scanned:
@@ -177,6 +184,9 @@ class Reporter:
 
     def _deliver_rotation(self, rotation_id: int) -> int | None:
         """Deliver one rotation's new rows; the id of the row that must be retried, if any."""
+        member = self.store.rotation(rotation_id)
+        if member.fleet_id is not None:  # its fleet's message, and only what it needs
+            return fleet_report.deliver_member(self, member)
         state = self._load(rotation_id)
         rows = self.store.audit_rows(rotation_id, after=state.cursor)
         # Read after the rows, so it is never older than them (a row asking for an approval

@@ -8,10 +8,12 @@ success the thread itself changes (the reporter replaces the buttons), so there 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-from handlers import BadRequest, Deps, Reply, enqueue, messages, parse_value, sender
+from handlers import BadRequest, Deps, Reply, enqueue, fleet_messages, messages, parse_value, sender
+from rotation import fleet as fleets
 
 Work = Callable[[Deps, dict[str, Any], str, Reply], None]
 
@@ -91,6 +93,45 @@ def rotate_key_now(deps: Deps, target: dict[str, Any], user: str, reply: Reply) 
     reply(messages.started(rotation, deps.channel))
 
 
+def fleet_confirm(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    """The fleet's one confirmation (its planner's, then in four-eyes a second person's);
+    the fleet's message becomes the plan waiting for a second person, or its table."""
+    fleet = fleets.confirm(deps.engine, deps.policy, target["fleet"], user)
+    if fleet.message_ref:
+        channel, _, ts = fleet.message_ref.partition(":")
+        text, blocks = (fleet_messages.plan(fleet, True) if fleet.status == fleets.CONFIRMING
+                        else fleet_messages.table(fleet, deps.engine.store.fleet_rotations(
+                            fleet.id)))
+        deps.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+
+
+def fleet_approve(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
+    """"Approve all N STEP": each listed app's own approval, bound to the digest it showed."""
+    shown = target["shown"]
+    approved = fleets.approve_gate(deps.engine, deps.policy, target["fleet"], target["step"],
+                                   user, shown=shown)
+    reply(fleet_messages.gate_approved(target["fleet"], target["step"], len(approved),
+                                       len(shown)))
+
+
+def parse_fleet(action: dict[str, Any]) -> dict[str, Any]:
+    """A fleet button's value: {"fleet": ID, "step": S, "shown": {"rotation id": digest}}."""
+    try:
+        data = json.loads(action.get("value") or "")
+    except ValueError:
+        raise BadRequest("that button's payload is not one Rotor made") from None
+    if not isinstance(data, dict) or not isinstance(data.get("fleet"), int):
+        raise BadRequest("that button's payload names no fleet")
+    shown = data.get("shown", {})
+    if not isinstance(shown, dict) or not all(
+            k.isdigit() and isinstance(v, str) for k, v in shown.items()):
+        raise BadRequest("that button's payload is not one Rotor made")
+    data["shown"] = {int(k): v for k, v in shown.items()}
+    if "step" in data and not isinstance(data["step"], str):
+        raise BadRequest("that button's payload names no step")
+    return data
+
+
 def parse_request(action: dict[str, Any]) -> dict[str, Any]:
     """A request button's value: "<rotation id>:<request name>"."""
     rotation, _, name = str(action.get("value") or "").partition(":")
@@ -112,10 +153,12 @@ WORK: dict[str, Work] = {
     messages.ASK_AGAIN: ask_again, messages.RETRY: retry, messages.CANCEL: cancel,
     messages.ROTATE_NEXT: rotate_next, messages.REQUEST: request,
     messages.ROTATE_KEY_NOW: rotate_key_now,
+    messages.FLEET_CONFIRM: fleet_confirm, messages.FLEET_APPROVE: fleet_approve,
 }
 # How each button's value reads; JSON from `messages.value` unless named here.
 PARSE: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     messages.REQUEST: parse_request, messages.ROTATE_KEY_NOW: parse_user_env,
+    messages.FLEET_CONFIRM: parse_fleet, messages.FLEET_APPROVE: parse_fleet,
 }
 
 

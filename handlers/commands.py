@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers import Deps, Reply, enqueue, messages, reminder_messages, sender
+from handlers import Deps, Reply, enqueue, fleet_messages, messages, reminder_messages, sender
+from rotation import fleet as fleets
 from rotation import iam
 from rotation.catalogue import Catalogue
 from rotation.errors import NotAllowed, UnknownName
@@ -21,7 +22,7 @@ COMPROMISED = "--compromised"
 CLEANUP = "--cleanup"  # after a cancel: drop the users earlier rotations made that nothing uses
 # Other runbooks' subcommands and the rotation kind each starts.
 OTHER_KINDS = {"key": "iam-key", "secret": "secret", "admin": "rds-admin"}
-VERBS = ("help", "plan", "status", "list", "cancel", "retry", "keys", *OTHER_KINDS)
+VERBS = ("help", "plan", "status", "list", "cancel", "retry", "keys", "all", *OTHER_KINDS)
 _ARGS = {"key": ("USER", "ENV"), "secret": ("SECRET_ID", "ENV"), "admin": ("DATABASE", "ENV")}
 _TARGET = {"key": re.compile(r"^[A-Za-z0-9+=,.@_-]{1,64}$"),
            "secret": re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$"),
@@ -39,6 +40,7 @@ class Command:
     rotation_id: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
     reply: str | None = None
+    apps: tuple[str, ...] | None = None  # a fleet of these apps (None with `all`: every app)
 
 
 def _usage(problem: str, **values: Any) -> Command:
@@ -94,6 +96,8 @@ def parse(text: str, catalogue: Catalogue, kinds: Mapping[str, Any]) -> Command:
                                                        else None)
     if verb in OTHER_KINDS:
         return _other(verb, rest, flags, catalogue, kinds)
+    if verb == "all" or "," in verb:
+        return _fleet(verb, rest, flags, catalogue, kinds)
     return _app_env("start", args, catalogue, kinds, flag=flags[0] if flags else None)
 
 
@@ -126,6 +130,29 @@ def _app_env(verb: str, rest: list[str], catalogue: Catalogue, kinds: Mapping[st
         return Command("unavailable", reply=messages.not_available(f"{app} {env}", kind))
     params = {flag.removeprefix("--"): True} if flag else {}
     return Command(verb, kind=kind, target=app, env=env, params=params)
+
+
+def _fleet(verb: str, rest: list[str], flags: list[str], catalogue: Catalogue,
+           kinds: Mapping[str, Any]) -> Command:
+    """`/rotate all ENV [--compromised]` or `/rotate APP1,APP2,… ENV`: one fleet."""
+    shape = "all ENV" if verb == "all" else "APP1,APP2,… ENV"
+    if CLEANUP in flags:
+        return _usage("unexpected", extra=CLEANUP, shape=shape)
+    if len(rest) != 1:
+        return _usage("needs-app-env", shape=shape, envs=", ".join(catalogue.environments))
+    env = rest[0].lower()
+    apps = None if verb == "all" else tuple(dict.fromkeys(a for a in verb.split(",") if a))
+    for app in apps or ():
+        if app not in catalogue.apps:
+            return _usage(_unknown_word(app, catalogue))
+    problem = _lookup(catalogue, None, env)
+    if problem:
+        return _usage(problem)
+    missing = sorted({catalogue.app(a).engine for a in apps or catalogue.apps} - set(kinds))
+    if missing:
+        return Command("unavailable", reply=messages.not_available(shape, missing[0]))
+    return Command("all", env=env, apps=apps,
+                   params={"compromised": True} if flags else {})
 
 
 def _lookup(catalogue: Catalogue, app: str | None, env: str) -> str | None:
@@ -171,6 +198,18 @@ def start(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
     deps.policy.check_start(user, cmd.env)
     rotation = deps.engine.start(cmd.kind, cmd.target, cmd.env, user, cmd.params)
     reply(messages.started(rotation, deps.channel))
+
+
+def fleet(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
+    """Plan the fleet and post its one message, the plan with a Confirm button."""
+    assert cmd.env
+    planned = fleets.propose(deps.engine, deps.policy, user, cmd.apps, cmd.env,
+                             compromised=bool(cmd.params.get("compromised")))
+    text, blocks = fleet_messages.plan(planned, deps.engine.catalogue.four_eyes(cmd.env))
+    posted = deps.client.chat_postMessage(channel=deps.channel, text=text, blocks=blocks,
+                                          unfurl_links=False)
+    deps.engine.store.set_fleet_message(planned.id, f"{posted['channel']}:{posted['ts']}")
+    reply(fleet_messages.planned(planned))
 
 
 def plan(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
@@ -241,9 +280,9 @@ def retry(deps: Deps, cmd: Command, user: str, reply: Reply) -> None:
     reply(messages.retrying(deps.engine.retry(cmd.rotation_id, user)))
 
 
-MUTATING = ("start", "cancel", "retry")
+MUTATING = ("start", "cancel", "retry", "all")
 WORK: dict[str, Callable[[Deps, Command, str, Reply], None]] = {
-    "start": start, "plan": plan, "status": status, "list": listing, "keys": keys,
+    "start": start, "all": fleet, "plan": plan, "status": status, "list": listing, "keys": keys,
     "cancel": cancel, "retry": retry,
 }
 

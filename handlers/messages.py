@@ -35,7 +35,10 @@ ASK_AGAIN = "ask_again"
 ROTATE_NEXT = "rotate_next"
 REQUEST = "request"  # value "<rotation id>:<request name>": what a waiting step offers
 ROTATE_KEY_NOW = "rotate_key_now"  # value "USER ENV": starts kind iam-key
-ACTIONS = (APPROVE, REJECT, RETRY, CANCEL, HOLD, ASK_AGAIN, ROTATE_NEXT, REQUEST, ROTATE_KEY_NOW)
+FLEET_CONFIRM = "fleet_confirm"  # value {"fleet": ID}: the one confirmation of a fleet's plan
+FLEET_APPROVE = "fleet_approve"  # value {"fleet": ID, "step": S, "shown": {rotation: digest}}
+ACTIONS = (APPROVE, REJECT, RETRY, CANCEL, HOLD, ASK_AGAIN, ROTATE_NEXT, REQUEST, ROTATE_KEY_NOW,
+           FLEET_CONFIRM, FLEET_APPROVE)
 
 # The button for each request a step may offer (`Engine.offers`), and whether it confirms.
 REQUEST_LABELS = {"reactivate": "Reactivate old key", "rollback": "Roll back"}
@@ -53,6 +56,8 @@ HELP = f"""\
 `{COMMAND} cancel ID` stop a rotation, leaving the app on credentials that work
 `{COMMAND} APP ENV --cleanup` drop the users cancelled rotations left (after an approval)
 `{COMMAND} retry ID` run a rotation's failed step again
+`{COMMAND} all ENV [--compromised]` · `{COMMAND} APP1,APP2,… ENV` a fleet: the plan, then one \
+confirmation
 `{COMMAND} key USER ENV` · `{COMMAND} keys [ENV]` · `{COMMAND} secret SECRET_ID ENV` · \
 `{COMMAND} admin DATABASE ENV` other runbooks
 `{COMMAND} help` this text"""
