@@ -53,7 +53,7 @@ def _plan_lines(fleet: FleetRow) -> list[str]:
     for line in fleet.plan:
         what = (f"skipped: {escape(line['skip'])}" if line.get("skip")
                 else escape(line.get("action", "")))
-        out.append(f"• `{escape(line['app'])}` ({escape(line['kind'])}): {what}")
+        out.append(f"• {escape(line['app'])} ({escape(line['kind'])}): {what}")
     return out
 
 
@@ -99,10 +99,10 @@ def table(fleet: FleetRow, rotations: Sequence[RotationRow]) -> Message:
     for rotation in rotations:
         state = fleets.member_state(rotation)
         mark = SYMBOL.get(rotation.phase, ":arrows_counterclockwise:")
-        lines.append(f"{mark} `{escape(rotation.target)}` #{rotation.id}: {escape(state)}")
+        lines.append(f"{mark} {escape(rotation.target)} #{rotation.id}: {escape(state)}")
     for line in fleet.plan:
         if line.get("skip"):
-            lines.append(f"{SYMBOL['skipped']} `{escape(line['app'])}`: skipped, "
+            lines.append(f"{SYMBOL['skipped']} {escape(line['app'])}: skipped, "
                          f"{escape(line['skip'])}")
     blocks: list[dict[str, Any]] = [_section(f"*{escape(text)}*"), *_sections(lines)]
     confirmed = (f"Started by {user(fleet.initiator)}"
@@ -110,7 +110,7 @@ def table(fleet: FleetRow, rotations: Sequence[RotationRow]) -> Message:
                     and fleet.confirmed_by != fleet.initiator else ""))
     blocks.append(_context(confirmed))
     for gate, members in sorted(fleets.waiting_at(rotations).items()):
-        names = ", ".join(f"`{escape(r.target)}`" for r in members)
+        names = ", ".join(f"{escape(r.target)}" for r in members)
         shown = {str(r.id): (r.current.gate_digest or "")[:SHOWN_CHARS]
                  for r in members if r.current is not None}
         destructive = any(r.current is not None and r.current.gate_destructive
@@ -122,12 +122,12 @@ def table(fleet: FleetRow, rotations: Sequence[RotationRow]) -> Message:
                                           f"{names}", "Approve all") if destructive else None)
         warn = ":warning: *Destructive.* " if destructive else ""
         blocks.append(_section(f"{warn}{SYMBOL['needs-approval']} {len(members)} apps wait for "
-                               f"`{escape(gate)}`: {names}"))
+                               f"{escape(gate)}: {names}"))
         blocks.append(_actions(button))
     return text, blocks[:50]
 
 
 @redacted
 def gate_approved(fleet_id: int, gate: str, approved: int, shown: int) -> str:
-    return (f"Approved `{escape(gate)}` for {approved} of {shown} apps of fleet #{fleet_id}"
+    return (f"Approved {escape(gate)} for {approved} of {shown} apps of fleet #{fleet_id}"
             + ("" if approved == shown else "; the others ask again in their threads"))

@@ -248,6 +248,9 @@ def approve_gate(engine: Engine, policy: Policy, fleet_id: int, gate: str, actor
     for rotation in waiting:
         if shown is not None and rotation.id not in shown:
             continue  # it opened its gate after the list was shown: not approved unseen
+        step = rotation.current
+        if shown is not None and step is not None and step.gate_digest and not shown[rotation.id]:
+            continue  # shown without facts, it binds facts now: it asks again on its own
         try:
             approved.append(engine.approve(rotation.id, gate, actor,
                                            shown=shown.get(rotation.id) if shown else None))

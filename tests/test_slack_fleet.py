@@ -1,0 +1,140 @@
+"""Fleets in Slack, through signed requests to `rotor serve` and the fake Web API: the plan
+with one Confirm (four-eyes in production), one root message with the apps' table, "Approve
+all" per gate, and far fewer Slack calls than the same apps rotated one by one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from demo.slack_api import FakeSlack, Message
+from handlers.commands import parse
+from tests.slackbot import BotProcess, running_bot
+from tests.test_slack_commands import CATALOGUE, KINDS
+
+POSTS = ("chat.postMessage", "chat.update")
+
+
+@pytest.fixture(scope="module")
+def bot(slack, tmp_path_factory) -> Iterator[BotProcess]:
+    with running_bot(tmp_path_factory.mktemp("fleet"), slack) as process:
+        yield process
+
+
+@pytest.mark.parametrize("text, apps, env, params", [
+    ("all staging", None, "staging", {}),
+    ("ALL production --compromised", None, "production", {"compromised": True}),
+    ("signon,signon staging", ("signon",), "staging", {}),
+])
+def test_the_fleet_grammar(text, apps, env, params):
+    command = parse(text, CATALOGUE, {"mysql": object(), "postgres": object()})
+    assert (command.verb, command.apps, command.env, command.params, command.reply) == (
+        "all", apps, env, params, None)
+
+
+@pytest.mark.parametrize("text, reply", [
+    ("all moon", "unknown environment 'moon'"),
+    ("signon,signn staging", "unknown subcommand or app `signn` (did you mean `signon`?)"),
+    ("all", "Usage"),
+    ("all staging --cleanup", "--cleanup"),
+    ("signon,publisher staging", "postgres"),  # no postgres kind here: refused, not started
+])
+def test_bad_fleet_input_is_answered_at_once(text, reply):
+    command = parse(text, CATALOGUE, KINDS)
+    assert command.reply is not None and reply in command.reply
+
+
+def _calls(slack: FakeSlack) -> int:
+    return sum(len(slack.calls_to(m)) for m in POSTS)
+
+
+def _fleet_root(bot: BotProcess, fleet_id: int, showing: str) -> Message:
+    def find() -> Message | None:
+        for message in bot.slack.roots():
+            if f"fleet #{fleet_id}:" in message.text and showing in message.everything():
+                return message
+        return None
+    found = bot.wait_for(find, lambda m: m is not None, what=f"fleet #{fleet_id} {showing!r}")
+    assert found is not None
+    return found
+
+
+def _button(message: Message, action_id: str) -> dict:
+    return next(b for b in message.buttons() if b["action_id"] == action_id)
+
+
+def _waiting(bot: BotProcess, apps: list[str], step: str) -> None:
+    marks = ", ".join("?" for _ in apps)
+    bot.wait_rows("SELECT COUNT(*) FROM steps s JOIN rotations r ON r.id = s.rotation_id "
+                  f"WHERE s.name = ? AND s.status = 'needs-approval' AND r.target IN ({marks})",
+                  step, *apps, until=lambda rows: rows == [(len(apps),)],
+                  what=f"{len(apps)} apps waiting at {step}")
+
+
+def _single(bot: BotProcess, app: str) -> int:
+    """Slack calls of one production rotation, driven by its own buttons."""
+    before = _calls(bot.slack)
+    bot.command(f"{app} production", user="U0ALICE")
+    rotation = bot.wait_status(app, "production", "active")
+    rid = int(rotation["id"])
+    bot.wait_step(app, "production", "switch", "needs-approval")
+    bot.click(bot.button(rid, "approve", "switch"), user="U0BOB")
+    bot.wait_step(app, "production", "drop-old-user", "needs-approval")
+    bot.click(bot.button(rid, "approve", "drop-old-user"), user="U0BOB")
+    bot.wait_status(app, "production", "done")
+    bot.message(rid, ":tada:")
+    return _calls(bot.slack) - before
+
+
+def test_a_production_fleet_confirmed_by_two_approved_per_gate_in_few_calls(bot, slack, apps):
+    single = _single(bot, apps())
+    members = [apps() for _ in range(5)]
+    before = _calls(slack)
+    bot.command(f"{','.join(members)} production", user="U0ALICE")
+    assert "nothing runs until it is confirmed" in bot.wait_reply("Planned fleet #")
+    fleet_id = int(bot.rows("SELECT MAX(id) FROM fleets")[0][0])
+    plan = _fleet_root(bot, fleet_id, "the plan")
+    for app in members:
+        assert f"`{app}`" in plan.everything()
+    assert bot.rows("SELECT COUNT(*) FROM rotations WHERE fleet_id = ?", fleet_id) == [(0,)]
+
+    bot.click(_button(plan, "fleet_confirm"), user="U0ALICE")  # the planner: step one of two
+    second = _fleet_root(bot, fleet_id, "Confirm (second person)")
+    bot.click(_button(second, "fleet_confirm"), user="U0ALICE")
+    assert "needs a second person" in bot.wait_reply("needs a second person")
+    assert bot.rows("SELECT COUNT(*) FROM rotations WHERE fleet_id = ?", fleet_id) == [(0,)]
+    bot.click(_button(second, "fleet_confirm"), user="U0BOB")
+    bot.wait_rows("SELECT COUNT(*) FROM rotations WHERE fleet_id = ?", fleet_id,
+                  until=lambda rows: rows == [(5,)], what="the fleet's 5 rotations")
+
+    _waiting(bot, members, "switch")
+    table = _fleet_root(bot, fleet_id, "Approve all 5 switch")
+    approve = _button(table, "fleet_approve")
+    shown = json.loads(approve["value"])["shown"]
+    ids = [r[0] for r in bot.rows("SELECT id FROM rotations WHERE fleet_id = ?", fleet_id)]
+    assert sorted(int(k) for k in shown) == sorted(ids)  # each app, with its gate's digest
+    bot.click(approve, user="U0ALICE")  # the starter: four-eyes refuses
+    assert "second person" in bot.wait_reply("cannot approve")
+    bot.click(approve, user="U0BOB")
+    assert "for 5 of 5 apps" in bot.wait_reply("Approved `switch`")
+
+    _waiting(bot, members, "drop-old-user")
+    drop = _button(_fleet_root(bot, fleet_id, "Approve all 5 drop-old-user"), "fleet_approve")
+    assert drop["confirm"]["title"]["text"].startswith("Approve all 5 drop-old-user")
+    bot.click(drop, user="U0BOB")
+    for app in members:
+        bot.wait_status(app, "production", "done")
+    _fleet_root(bot, fleet_id, ": done")
+    fleet_calls = _calls(slack) - before
+
+    # One root message for the fleet; no member has a root or per-step replies of its own.
+    roots = [m for m in slack.roots() if any(f"`{a}`" in m.everything() or a in m.text
+                                             for a in members)
+             and m.channel == slack.channels.get("#govuk-developers", m.channel)]
+    assert len([m for m in roots if "fleet #" in m.text]) == 1
+    assert not [m for m in roots if "fleet #" not in m.text]
+    assert fleet_calls * 2 < 5 * single, (fleet_calls, single)
+    print(f"\nSlack posts+updates: one production rotation {single}, "
+          f"5 one by one ~{5 * single}, a fleet of 5 {fleet_calls}")
