@@ -17,14 +17,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rotation.errors import NotAllowed, RotationConflict, RotorError, UnknownName
-from rotation.policy import person
 from rotation.store import ACTIVE, DONE, FleetRow, RotationRow
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # `rotor status` reads fleets without loading the catalogue (pydantic)
     from rotation.engine import Engine
     from rotation.policy import Policy
 
 log = logging.getLogger(__name__)
+
+
+def person(actor: str | None) -> str:
+    """rotation.policy.person, imported when needed: reading a fleet's status stays light."""
+    from rotation.policy import person as policy_person
+
+    return policy_person(actor)
 
 PLANNED, CONFIRMING, STARTED, CANCELLED = "planned", "confirming", "started", "cancelled"
 
