@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 import handlers
 from bot import slack
+from bot.fleet_notice import FleetSecondLine
 from bot.metrics import RotorMetrics
 from bot.notify import SlackSecondLine
 from bot.reporter import Reporter
@@ -302,7 +303,9 @@ class Service:
             second_line = SlackSecondLine(client, catalogue.slack.second_line_channel,
                                           catalogue.slack.second_line_group,
                                           thread_link=self._thread_link)
-        self.engine = build_engine(settings, second_line=second_line, clock=clock)
+        # A fleet's members share one 2nd line notice per gate (bot.fleet_notice).
+        notifier = FleetSecondLine(second_line) if second_line is not None else None
+        self.engine = build_engine(settings, second_line=notifier, clock=clock)
         if second_line is not None:
             second_line.store = self.engine.store
         self.second_line = second_line
@@ -310,7 +313,7 @@ class Service:
         # The engine above serves people (commands, clicks); the pool's engines run steps,
         # each with its own store connection and lease owner, sharing the clients.
         self.worker = EnginePool([
-            build_engine(settings, clients=self.engine.clients, second_line=second_line,
+            build_engine(settings, clients=self.engine.clients, second_line=notifier,
                          clock=clock) for _ in range(settings.workers)])
         self.answering = AcksFirst()
         self.jobs = Jobs(handlers.report_error, acks=self.answering)

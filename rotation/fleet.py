@@ -10,6 +10,7 @@ Plain Python: the engine and the policy are passed in.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -237,6 +238,11 @@ def waiting_at(rotations: Sequence[RotationRow], gate: str | None = None
     return out
 
 
+def batch_key(fleet_id: int, gate: str) -> str:
+    """The rotations one "Approve all" click approves (kv), for the fleet's notice."""
+    return f"fleet:approving:{fleet_id}:{gate}"
+
+
 def approve_gate(engine: Engine, policy: Policy, fleet_id: int, gate: str, actor: str, *,
                  shown: Mapping[int, str] | None = None) -> list[RotationRow]:
     """Approve one gate for every app of the fleet waiting at it. Each app's approval is its
@@ -251,6 +257,10 @@ def approve_gate(engine: Engine, policy: Policy, fleet_id: int, gate: str, actor
     if not waiting:
         raise RotationConflict(f"no app of fleet #{fleet_id} waits for an approval of {gate}")
     approved: list[RotationRow] = []
+    # Written before the first approval: a worker running the first approved app's step
+    # posts the one 2nd line notice (bot.fleet_notice) and lists the whole batch in it.
+    batch = [r.id for r in waiting if shown is None or r.id in shown]
+    store.set_kv(batch_key(fleet_id, gate), json.dumps(batch))
     for rotation in waiting:
         if shown is not None and rotation.id not in shown:
             continue  # it opened its gate after the list was shown: not approved unseen

@@ -129,6 +129,17 @@ def test_a_production_fleet_confirmed_by_two_approved_per_gate_in_few_calls(bot,
     _fleet_root(bot, fleet_id, ": done")
     fleet_calls = _calls(slack) - before
 
+    # One 2nd line notice for the fleet's drop, naming every app, before any app dropped.
+    notices = [m for m in slack.channel_messages("#govuk-2ndline") if f"fleet #{fleet_id}" in m.text]
+    assert len(notices) == 1, [m.text for m in notices]
+    assert all(app in notices[0].text for app in members)
+    for app in members:
+        rid = bot.rotation(app, "production")["id"]
+        rows = bot.rows("SELECT event, step, to_status FROM audit WHERE rotation_id = ? "
+                        "ORDER BY id", rid)
+        assert rows.index(("second-line-notified", "drop-old-user", None)) < rows.index(
+            ("step", "drop-old-user", "done"))
+
     # One root message for the fleet; no member has a root or per-step replies of its own.
     roots = [m for m in slack.roots() if any(f"`{a}`" in m.everything() or a in m.text
                                              for a in members)
