@@ -184,14 +184,13 @@ class Reporter:
 
     def _deliver_rotation(self, rotation_id: int) -> int | None:
         """Deliver one rotation's new rows; the id of the row that must be retried, if any."""
-        member = self.store.rotation(rotation_id)
-        if member.fleet_id is not None:  # its fleet's message, and only what it needs
-            return fleet_report.deliver_member(self, member)
         state = self._load(rotation_id)
         rows = self.store.audit_rows(rotation_id, after=state.cursor)
         # Read after the rows, so it is never older than them (a row asking for an approval
         # finds the step's gate, destructive or not, that the same commit wrote).
         rotation = self.store.rotation(rotation_id)
+        if rotation.fleet_id is not None:  # its fleet's message, and only what it needs
+            return fleet_report.deliver_member(self, rotation)
         for row in rows:
             try:
                 self._deliver_row(state, rotation, row)
