@@ -10,6 +10,7 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 
 from bot.settings import Settings
+from bot.slack_limits import NOTICE, priority
 from rotation.errors import StepFailed
 from rotation.store import RotationRow, StepRow
 
@@ -88,7 +89,8 @@ class SlackSecondLine:
         if record.get("permalink"):
             return str(record["permalink"])
         try:
-            permalink = self._post_once(key, record, rotation, step, summary, approved_by)
+            with priority(NOTICE):  # ahead of progress updates in the rate limiter's line
+                permalink = self._post_once(key, record, rotation, step, summary, approved_by)
         except SlackApiError as exc:
             error = str(exc.response.get("error"))
             if error not in NOT_IN_CHANNEL:
@@ -191,8 +193,8 @@ def second_line_for_cli(settings: Settings, told: str | None = None,
     """With a bot token the CLI tells 2nd line through Slack; without, the operator does."""
     if not settings.slack_bot_token:
         return OperatorSecondLine(told, ask)
-    from bot.slack import web_client
+    from bot.slack import limited_client
 
-    client = web_client(settings.slack_bot_token, settings.slack_api_url)
+    client = limited_client(settings.slack_bot_token, settings.slack_api_url)
     slack = settings.catalogue.slack
     return SlackSecondLine(client, slack.second_line_channel, slack.second_line_group)

@@ -295,7 +295,7 @@ class Service:
         self.reporter: Reporter | None = None
         self.workspace: slack.Workspace | None = None
         self.socket: Any = None
-        client = (slack.web_client(settings.slack_bot_token, settings.slack_api_url)
+        client = (slack.limited_client(settings.slack_bot_token, settings.slack_api_url)
                   if settings.slack_bot_token else None)
         second_line = None
         if client is not None:
