@@ -32,7 +32,8 @@ from bot.notify import NOT_IN_CHANNEL, join
 from bot.slack import SLACK_ERRORS
 from bot.slack_limits import DECISION, PROGRESS, priority
 from handlers import messages
-from rotation.engine import Engine
+from rotation.engine import NOTICE_WAIT, Engine
+from rotation.errors import StepFailed
 from rotation.policy import Policy
 from rotation.store import ACTIVE, DONE, AuditRow, RotationRow
 
@@ -77,8 +78,9 @@ class Reporter:
 
     def __init__(self, engine: Engine, client: Any, policy: Policy, *,
                  schedule_retry: Callable[[float], None], lease: float = 60.0,
-                 max_backoff: float = 30.0) -> None:
+                 max_backoff: float = 30.0, second_line: Any = None) -> None:
         self.engine = engine
+        self.second_line = second_line  # posts the 2nd line notices steps ask for
         self.store = engine.store
         self.client = client
         self.policy = policy
@@ -319,6 +321,8 @@ class Reporter:
                 self._post_open(state, rotation, row, f"hold:{step}", text, text, blocks)
             else:
                 self._post(state, rotation, row, *messages.second_line_told(rotation, row, None))
+        elif event == "second-line-requested":
+            self._tell_second_line(rotation, row)
         elif event == "retried":
             self._close(state, rotation, f"failed:{step}", "retried", row)
         elif event in ("cancel-requested", "requested"):
@@ -332,6 +336,21 @@ class Reporter:
                 rotation), row))
         # Other events need no message of their own: a step starting shows in the root's
         # checklist, and "cancel-failed" is followed by the step's failure.
+
+    def _tell_second_line(self, rotation: RotationRow, row: AuditRow) -> None:
+        """Post the notice a step waits for (once: `SlackSecondLine.post`), then wake it."""
+        step = self.store.rotation(rotation.id).step(row.step or "")
+        if (self.second_line is None or step.status != "waiting"
+                or step.wait_reason != NOTICE_WAIT or step.notice_at is not None):
+            return  # asked for by an earlier attempt, or told already
+        if not self._renew():
+            raise LostLock(LOCK)
+        try:
+            self.second_line.post(rotation, step, row.detail or step.gate_summary or "",
+                                  step.decided_by or "?")
+        except StepFailed:
+            pass  # recorded with the reason: the step fails with it, shown in the thread
+        self.engine.recheck(rotation.id, step.name, NOTICE_WAIT)
 
     def _ask(self, state: Delivery, rotation: RotationRow, row: AuditRow, summary: str,
              note: str = "") -> None:
@@ -523,7 +542,7 @@ class Reporter:
 
 # Rows whose message asks someone to decide (buttons) or tells them a decision is near.
 _DECISIONS = {"approval-requested", "held", "rejected", "approval-expired",
-              "second-line-notified"}
+              "second-line-requested", "second-line-notified"}
 
 
 def _is_decision(row: AuditRow) -> bool:

@@ -301,7 +301,7 @@ class Service:
         if client is not None:
             second_line = SlackSecondLine(client, catalogue.slack.second_line_channel,
                                           catalogue.slack.second_line_group,
-                                          thread_link=self._thread_link)
+                                          thread_link=self._thread_link, deferred=True)
         self.engine = build_engine(settings, second_line=second_line, clock=clock)
         if second_line is not None:
             second_line.store = self.engine.store
@@ -314,7 +314,8 @@ class Service:
         if client is not None:
             policy = Policy(catalogue, slack.GroupMembers(client))
             self.reporter = Reporter(self.engine, client, policy,
-                                     schedule_retry=self._retry_reporter)
+                                     schedule_retry=self._retry_reporter,
+                                     second_line=second_line)
             app = slack.bolt_app(client, settings.slack_signing_secret, socket_mode=socket_mode)
             self.workspace = slack.Workspace(client, catalogue.slack.teams)
             handlers.register(app, handlers.Deps(self.engine, policy, self.jobs, self.reporter,
