@@ -28,7 +28,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,6 +103,7 @@ class FakeSlack:
         self._mode = "up"
         self._rate_limited = 0
         self._retry_after = 1
+        self._limited_methods: set[str] | None = None
         self._lose = 0
         self._limits: dict[str, tuple[float, float]] | None = None  # method -> (rate, burst)
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
@@ -165,9 +166,12 @@ class FakeSlack:
         finally:
             self.up()
 
-    def rate_limit(self, calls: int, retry_after: int = 1) -> None:
+    def rate_limit(self, calls: int, retry_after: int = 1,
+                   methods: Collection[str] | None = None) -> None:
+        """Answer the next `calls` calls (to `methods` only, when given) with 429."""
         with self._lock:
             self._rate_limited, self._retry_after = calls, retry_after
+            self._limited_methods = None if methods is None else set(methods)
 
     def enforce_limits(self, post_per_second: float = 1.0, post_burst: float = 3,
                        update_per_minute: float = 50, update_burst: float = 10) -> None:
@@ -274,7 +278,8 @@ class FakeSlack:
             if self._mode == "500":
                 self.calls.append(Call(method, params, path, status=500))
                 return 500, {}, {"ok": False, "error": "internal_error"}
-            if self._rate_limited > 0 and method != "response_url":
+            if self._rate_limited > 0 and method != "response_url" and (
+                    self._limited_methods is None or method in self._limited_methods):
                 self._rate_limited -= 1
                 self.calls.append(Call(method, params, path, status=429))
                 return 429, {"Retry-After": str(self._retry_after)}, {"ok": False,
