@@ -115,16 +115,28 @@ class SlackLimiter:
         self.max_wait = max_wait
         self.clock = clock
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
+        self._aliases: dict[str, str] = {}  # "#name" -> channel ID
         self._cond = threading.Condition()
         self._numbers = itertools.count()
         self.limited = 0  # 429s seen
         self.waited = 0.0  # seconds spent waiting for tokens, in all threads
 
-    @staticmethod
-    def key(method: str, channel: Any = None) -> tuple[str, ...]:
+    def key(self, method: str, channel: Any = None) -> tuple[str, ...]:
         if method == "chat.postMessage":
-            return (method, str(channel or ""))
+            name = str(channel or "")
+            return (method, self._aliases.get(name, name))
         return (method,)
+
+    def learn(self, name: Any, channel: Any) -> None:
+        """`#name` is channel ID `channel` (from Slack's answer): one bucket for both."""
+        name, channel = str(name or ""), str(channel or "")
+        if not name.startswith("#") or not channel or self._aliases.get(name) == channel:
+            return
+        with self._cond:
+            self._aliases[name] = channel
+            bucket = self._buckets.pop(("chat.postMessage", name), None)
+            if bucket is not None:
+                self._buckets.setdefault(("chat.postMessage", channel), bucket)
 
     def _bucket(self, key: tuple[str, ...], now: float) -> _Bucket:
         bucket = self._buckets.get(key)
@@ -226,7 +238,10 @@ class LimitedClient:
         for attempt in range(1, self.attempts + 1):
             self.limiter.acquire(key, level, deadline)
             try:
-                return function(**kwargs)
+                response = function(**kwargs)
+                if method == "chat.postMessage":
+                    self.limiter.learn(kwargs.get("channel"), response.get("channel"))
+                return response
             except SlackApiError as exc:
                 if getattr(exc.response, "status_code", 200) != 429:
                     raise
