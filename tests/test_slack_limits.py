@@ -80,7 +80,7 @@ def test_decisions_go_before_progress_waiting_for_the_same_channel(slack):
     limiter = SlackLimiter({"chat.postMessage": Tier(rate=1.0, burst=1)}, max_wait=60)
     client = LimitedClient(web_client("xoxb-test", slack.url), limiter)
     client.chat_postMessage(channel="#a", text="first")  # the burst is spent
-    bucket = limiter._buckets[("chat.postMessage", "#a")]
+    bucket = limiter._buckets[limiter.key("chat.postMessage", "#a")]
 
     def send(text: str, level: int) -> None:
         with priority(level):
