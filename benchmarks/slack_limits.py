@@ -42,6 +42,7 @@ def main(n: int) -> int:
                 bot.command(f"{app} production", user="U0ALICE")
             ids = {app: int(bot.wait_status(app, "production", "active")["id"]) for app in apps}
             clicked: set[tuple[int, str]] = set()
+            shown: dict[tuple[int, str], float] = {}
             deadline = time.monotonic() + 60 * n
             while time.monotonic() < deadline:
                 rows = bot.rows("SELECT id, status FROM rotations")
@@ -57,6 +58,7 @@ def main(n: int) -> int:
                             if (rotation_id, step) in clicked:
                                 continue
                             clicked.add((rotation_id, step))
+                            shown[(rotation_id, step)] = float(message.ts)  # when posted
                             bot.click(button, user="U0DAVE" if step == "drop-old-user"
                                       else "U0BOB")
                 time.sleep(0.1)
@@ -66,14 +68,8 @@ def main(n: int) -> int:
                              "WHERE event = 'approval-requested'")
         finally:
             bot.stop()
-        delays = []
-        for rotation_id, step, at in asked:
-            posted = [float(m.ts) for m in slack.messages if m.buttons() and any(
-                b["action_id"] == "approve" and json.loads(b["value"]).get("step") == step
-                and json.loads(b["value"]).get("rotation") == rotation_id
-                for b in m.buttons())]
-            if posted:
-                delays.append(min(posted) - float(at))
+        delays = [shown[(rotation_id, step)] - float(at) for rotation_id, step, at in asked
+                  if (rotation_id, step) in shown]
         calls = [c for c in slack.calls if c.method != "response_url"]
         limited = slack.limited()
         done = sum(1 for s in statuses.values() if s == "done")

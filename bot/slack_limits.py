@@ -8,9 +8,10 @@ those limits instead of each finding out with a 429.
 - Every call takes a token from its bucket first: `chat.postMessage` has one per channel,
   other methods one per method (their tiers count per workspace).
 - A 429 pauses that bucket for its Retry-After, and the call is made again when it ends: the
-  channel waits, not the process. The call's own thread waits (the reporter's, a notice
-  sender's, a reminder's), and Rotor's worker threads never send to Slack through here while
-  holding a rotation for long: a wait is capped, and a longer one fails the call as transient.
+  channel waits, not the process. Only the calling thread waits (the reporter's, a
+  reminder's, a handler's job; engine workers never call Slack in `rotor serve`), and never
+  longer than `max_wait` per turn, within the call's bound (`rotation.timeouts`): a longer
+  wait fails the call as transient, to be tried again later.
 - Waiters are served by priority: decisions (approval requests and their buttons) and 2nd
   line notices go before progress (thread replies, root message updates).
 
