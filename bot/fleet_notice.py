@@ -17,6 +17,7 @@ import threading
 import uuid
 from typing import Any
 
+from rotation.errors import NoticePending
 from rotation.fleet import batch_key
 from rotation.store import ACTIVE, RotationRow, StepRow, Store
 
@@ -35,16 +36,39 @@ class FleetSecondLine:
         self.inner = inner
         self.store = store
 
+    @staticmethod
+    def _key(rotation: RotationRow, step: StepRow) -> str:
+        return f"slack:fleet-notice:{rotation.fleet_id}:{step.name}"
+
     @property
     def problem(self) -> str | None:
         return getattr(self.inner, "problem", None)
 
     def notify(self, rotation: RotationRow, step: StepRow, summary: str,
                approved_by: str) -> str:
+        """The engine asks (a worker's thread). A deferred notifier (rotor serve) never posts
+        here: a fleet member finds the link its fleet's notice recorded for it, or waits
+        (NoticePending) until the reporter has `post`ed a notice that names it."""
         store = self.store or getattr(self.inner, "store", None)
         if rotation.fleet_id is None or store is None:
             return str(self.inner.notify(rotation, step, summary, approved_by))
-        key = f"slack:fleet-notice:{rotation.fleet_id}:{step.name}"
+        if getattr(self.inner, "deferred", False):
+            raw = store.get_kv(self._key(rotation, step))
+            links = json.loads(raw)["links"] if raw else {}
+            if rotation.target in links:
+                return str(links[rotation.target])
+            raise NoticePending(self._key(rotation, step))
+        return self.post(rotation, step, summary, approved_by)
+
+    def post(self, rotation: RotationRow, step: StepRow, summary: str,
+             approved_by: str) -> str:
+        """Post (the reporter's thread, or the CLI) one notice naming every app of the fleet
+        approved at this gate, unless one already named this app; its link."""
+        store = self.store or getattr(self.inner, "store", None)
+        if rotation.fleet_id is None or store is None:
+            return str(getattr(self.inner, "post", self.inner.notify)(
+                rotation, step, summary, approved_by))
+        key = self._key(rotation, step)
         lock, owner = f"fleet-notice:{rotation.fleet_id}:{step.name}", uuid.uuid4().hex
         waited = threading.Event()
         deadline = store.clock() + WAIT_SECONDS
@@ -66,7 +90,8 @@ class FleetSecondLine:
             fleet_summary = (f"fleet #{rotation.fleet_id} in {rotation.env}: {step.name} for "
                              f"{len(listed)} apps ({', '.join(listed)}). {rotation.target}: "
                              f"{summary}")
-            link = str(self.inner.notify(rotation, step, fleet_summary, approved_by))
+            link = str(getattr(self.inner, "post", self.inner.notify)(
+                rotation, step, fleet_summary, approved_by))
             record["apps"].extend(listed)
             record["links"].update(dict.fromkeys(listed, link))
             store.set_kv(key, json.dumps(record, sort_keys=True))

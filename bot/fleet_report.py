@@ -86,7 +86,9 @@ def _asked_before(rep: Reporter, rotation: RotationRow, row: AuditRow) -> bool:
 def _member_row(rep: Reporter, state: Delivery, rotation: RotationRow, row: AuditRow) -> None:
     """Only failures and decisions: the table shows every other change."""
     event, step = row.event, row.step or ""
-    if event == "step" and row.to_status == "failed":
+    if event == "second-line-requested":  # the step waits for its notice: post it
+        rep._tell_second_line(rotation, row)
+    elif event == "step" and row.to_status == "failed":
         rep._post_open(state, rotation, row, f"failed:{step}", row.detail,
                        *messages.failure(rotation, row))
     elif event == "approval-requested":

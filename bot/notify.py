@@ -10,7 +10,8 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 
 from bot.settings import Settings
-from rotation.errors import StepFailed
+from bot.slack_limits import NOTICE, priority
+from rotation.errors import NoticePending, StepFailed
 from rotation.store import RotationRow, StepRow
 
 log = logging.getLogger("rotor.notify")
@@ -60,8 +61,12 @@ def join(client: Any, channel: str) -> None:
 
 
 class SlackSecondLine:
-    """Posts the 2nd line notice, once; returns a link to it (the step waits until this
-    returns).
+    """Posts the 2nd line notice, once; returns a link to it (the step waits until then).
+
+    `deferred` (rotor serve): the engine's thread never calls Slack. `notify` only reads
+    what the Slack side recorded: the link once the notice is posted, else NoticePending
+    (the step waits, its worker free); the reporter posts it (`post`) and wakes the step.
+    Without `deferred` (the CLI), `notify` posts it itself.
 
     Once, even when Slack's answer is lost: before posting, the notice is marked in the state
     DB, and it carries metadata naming the rotation, step and approval. A later attempt that
@@ -72,8 +77,9 @@ class SlackSecondLine:
     """
 
     def __init__(self, client: Any, channel: str, group: str | None = None,
-                 thread_link: Any = None, store: Any = None) -> None:
+                 thread_link: Any = None, store: Any = None, deferred: bool = False) -> None:
         self.client = client
+        self.deferred = deferred
         self.channel = channel
         self.group = group
         self.thread_link = thread_link or (lambda rotation: None)
@@ -81,14 +87,33 @@ class SlackSecondLine:
         self.problem: str | None = None
         self._joined: set[str] = set()
 
+    @staticmethod
+    def key(rotation: RotationRow, step: StepRow) -> str:
+        """One notice per approval: a new approval (retry, ask again) makes a new key."""
+        return f"{rotation.id}:{step.name}:{step.decided_at or 0:.6f}"
+
     def notify(self, rotation: RotationRow, step: StepRow, summary: str,
                approved_by: str) -> str:
-        key = f"{rotation.id}:{step.name}:{step.decided_at or 0:.6f}"
+        if not self.deferred:
+            return self.post(rotation, step, summary, approved_by)
+        record = self._load(self.key(rotation, step))
+        if record.get("permalink"):
+            return str(record["permalink"])
+        if record.get("problem"):
+            raise StepFailed(str(record["problem"]))
+        raise NoticePending(self.key(rotation, step))
+
+    def post(self, rotation: RotationRow, step: StepRow, summary: str,
+             approved_by: str) -> str:
+        """Post the notice unless it was posted before; its link. StepFailed, recorded for
+        `notify`, when Rotor may not post in the channel."""
+        key = self.key(rotation, step)
         record = self._load(key)
         if record.get("permalink"):
             return str(record["permalink"])
         try:
-            permalink = self._post_once(key, record, rotation, step, summary, approved_by)
+            with priority(NOTICE):  # ahead of progress updates in the rate limiter's line
+                permalink = self._post_once(key, record, rotation, step, summary, approved_by)
         except SlackApiError as exc:
             error = str(exc.response.get("error"))
             if error not in NOT_IN_CHANNEL:
@@ -96,6 +121,7 @@ class SlackSecondLine:
             self.problem = (f"Rotor cannot post or read in the 2nd line channel {self.channel} "
                             f"({error}): invite @rotor there (`/invite @rotor`), then retry")
             log.warning("notify: #%s %s: %s", rotation.id, step.name, self.problem)
+            self._save(key, {**self._load(key), "problem": self.problem})
             raise StepFailed(self.problem) from None
         self.problem = None
         return permalink
@@ -191,8 +217,8 @@ def second_line_for_cli(settings: Settings, told: str | None = None,
     """With a bot token the CLI tells 2nd line through Slack; without, the operator does."""
     if not settings.slack_bot_token:
         return OperatorSecondLine(told, ask)
-    from bot.slack import web_client
+    from bot.slack import limited_client
 
-    client = web_client(settings.slack_bot_token, settings.slack_api_url)
+    client = limited_client(settings.slack_bot_token, settings.slack_api_url)
     slack = settings.catalogue.slack
     return SlackSecondLine(client, slack.second_line_channel, slack.second_line_group)

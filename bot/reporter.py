@@ -31,8 +31,10 @@ from slack_sdk.errors import SlackApiError
 from bot import fleet_report
 from bot.notify import NOT_IN_CHANNEL, join
 from bot.slack import SLACK_ERRORS
+from bot.slack_limits import DECISION, PROGRESS, priority
 from handlers import messages
-from rotation.engine import Engine
+from rotation.engine import NOTICE_WAIT, Engine
+from rotation.errors import StepFailed
 from rotation.policy import Policy
 from rotation.store import ACTIVE, DONE, AuditRow, RotationRow
 
@@ -77,8 +79,9 @@ class Reporter:
 
     def __init__(self, engine: Engine, client: Any, policy: Policy, *,
                  schedule_retry: Callable[[float], None], lease: float = 60.0,
-                 max_backoff: float = 30.0) -> None:
+                 max_backoff: float = 30.0, second_line: Any = None) -> None:
         self.engine = engine
+        self.second_line = second_line  # posts the 2nd line notices steps ask for
         self.store = engine.store
         self.client = client
         self.policy = policy
@@ -145,11 +148,22 @@ class Reporter:
             rows = self.store.audit_rows(after=scanned, limit=500)
             ids = dict.fromkeys(r.rotation_id for r in rows if r.rotation_id is not None)
             ids.update(dict.fromkeys(r.id for r in self.store.active()))
+            # Decisions first: rotations with a decision to post go before the others, and
+            # every root message's progress update waits until all the rows are posted.
+            deciding = {r.rotation_id for r in rows if _is_decision(r)}
+            order = sorted(ids, key=lambda i: i not in deciding)
             stuck: list[int] = []
-            for rotation_id in ids:
+            failed: dict[int, int] = {}
+            for rotation_id in order:
                 failed_at = self._deliver_rotation(rotation_id)
                 if failed_at is not None:
-                    stuck.append(failed_at)
+                    failed[rotation_id] = failed_at
+            for rotation_id in order:
+                if rotation_id not in failed:
+                    failed_at = self._sync_root(rotation_id)
+                    if failed_at is not None:
+                        failed[rotation_id] = failed_at
+            stuck.extend(failed.values())
             try:
                 fleet_report.refresh(self)
             except SLACK_ERRORS as exc:
@@ -206,24 +220,38 @@ class Reporter:
             self._save(rotation_id, state)
         try:
             rotation = self.store.rotation(rotation_id)
-            self._remind(state, rotation)
-            self._offer(state, rotation)
-            if state.root and (state.synced < state.cursor or self._resync):
-                text, blocks = messages.root(rotation)
-                self._call("chat_update", channel=state.channel, ts=state.root, text=text,
-                           blocks=blocks)
-                state.synced = state.cursor
+            with priority(DECISION):
+                self._remind(state, rotation)
+                self._offer(state, rotation)
             self._save(rotation_id, state)
         except SLACK_ERRORS as exc:
-            if not _transient(exc) and not self._not_in_channel(state, exc):
-                log.error("reporter: #%s: Slack refused the update (%s)", rotation_id,
-                          _reason(exc))
-                return None
-            log.warning("reporter: #%s: Slack unavailable (%s); will retry", rotation_id,
-                        _reason(exc))
-            self._save(rotation_id, state)
-            return state.cursor  # read this rotation's last row again: it brings it back
+            return self._update_failed(rotation_id, state, exc)
         return None
+
+    def _sync_root(self, rotation_id: int) -> int | None:
+        """Bring the root message's checklist up to date (progress: after the decisions)."""
+        state = self._load(rotation_id)
+        if not state.root or (state.synced >= state.cursor and not self._resync):
+            return None
+        try:
+            text, blocks = messages.root(self.store.rotation(rotation_id))
+            self._call("chat_update", channel=state.channel, ts=state.root, text=text,
+                       blocks=blocks)
+            state.synced = state.cursor
+            self._save(rotation_id, state)
+        except SLACK_ERRORS as exc:
+            return self._update_failed(rotation_id, state, exc)
+        return None
+
+    def _update_failed(self, rotation_id: int, state: Delivery, exc: Exception) -> int | None:
+        if not _transient(exc) and not self._not_in_channel(state, exc):
+            log.error("reporter: #%s: Slack refused the update (%s)", rotation_id,
+                      _reason(exc))
+            return None
+        log.warning("reporter: #%s: Slack unavailable (%s); will retry", rotation_id,
+                    _reason(exc))
+        self._save(rotation_id, state)
+        return state.cursor  # read this rotation's last row again: it brings it back
 
     def _not_in_channel(self, state: Delivery, exc: Exception) -> bool:
         """Rotor may not post or read in the channel: join it if it is public, otherwise say
@@ -253,6 +281,10 @@ class Reporter:
     # -- what each event becomes ------------------------------------------------------------
 
     def _deliver_row(self, state: Delivery, rotation: RotationRow, row: AuditRow) -> None:
+        with priority(DECISION if _is_decision(row) else PROGRESS):
+            self._deliver_event(state, rotation, row)
+
+    def _deliver_event(self, state: Delivery, rotation: RotationRow, row: AuditRow) -> None:
         event, step = row.event, row.step or ""
         if event == "started" or state.root is None:
             self._ensure_root(state, rotation)
@@ -298,6 +330,8 @@ class Reporter:
                 self._post_open(state, rotation, row, f"hold:{step}", text, text, blocks)
             else:
                 self._post(state, rotation, row, *messages.second_line_told(rotation, row, None))
+        elif event == "second-line-requested":
+            self._tell_second_line(rotation, row)
         elif event == "retried":
             self._close(state, rotation, f"failed:{step}", "retried", row)
         elif event in ("cancel-requested", "requested"):
@@ -311,6 +345,21 @@ class Reporter:
                 rotation), row))
         # Other events need no message of their own: a step starting shows in the root's
         # checklist, and "cancel-failed" is followed by the step's failure.
+
+    def _tell_second_line(self, rotation: RotationRow, row: AuditRow) -> None:
+        """Post the notice a step waits for (once: `SlackSecondLine.post`), then wake it."""
+        step = self.store.rotation(rotation.id).step(row.step or "")
+        if (self.second_line is None or step.status != "waiting"
+                or step.wait_reason != NOTICE_WAIT or step.notice_at is not None):
+            return  # asked for by an earlier attempt, or told already
+        if not self._renew():
+            raise LostLock(LOCK)
+        try:
+            self.second_line.post(rotation, step, row.detail or step.gate_summary or "",
+                                  step.decided_by or "?")
+        except StepFailed:
+            pass  # recorded with the reason: the step fails with it, shown in the thread
+        self.engine.recheck(rotation.id, step.name, NOTICE_WAIT)
 
     def _ask(self, state: Delivery, rotation: RotationRow, row: AuditRow, summary: str,
              note: str = "") -> None:
@@ -498,6 +547,15 @@ class Reporter:
     def thread_link(self, rotation: RotationRow) -> str | None:
         """The rotation's thread, when its root message is posted (no Slack call)."""
         return self._load(rotation.id).link
+
+
+# Rows whose message asks someone to decide (buttons) or tells them a decision is near.
+_DECISIONS = {"approval-requested", "held", "rejected", "approval-expired",
+              "second-line-requested", "second-line-notified"}
+
+
+def _is_decision(row: AuditRow) -> bool:
+    return row.event in _DECISIONS or (row.event == "step" and row.to_status == "failed")
 
 
 def _payload(message: dict[str, Any], event_type: str) -> Any:

@@ -296,14 +296,15 @@ class Service:
         self.reporter: Reporter | None = None
         self.workspace: slack.Workspace | None = None
         self.socket: Any = None
-        client = (slack.web_client(settings.slack_bot_token, settings.slack_api_url)
+        client = (slack.limited_client(settings.slack_bot_token, settings.slack_api_url)
                   if settings.slack_bot_token else None)
         second_line = None
         if client is not None:
             second_line = SlackSecondLine(client, catalogue.slack.second_line_channel,
                                           catalogue.slack.second_line_group,
-                                          thread_link=self._thread_link)
-        # A fleet's members share one 2nd line notice per gate (bot.fleet_notice).
+                                          thread_link=self._thread_link, deferred=True)
+        # A fleet's members share one 2nd line notice per gate (bot.fleet_notice); the
+        # reporter posts it, never a worker's thread.
         notifier = FleetSecondLine(second_line) if second_line is not None else None
         self.engine = build_engine(settings, second_line=notifier, clock=clock)
         if second_line is not None:
@@ -321,7 +322,8 @@ class Service:
         if client is not None:
             policy = Policy(catalogue, slack.GroupMembers(client))
             self.reporter = Reporter(self.engine, client, policy,
-                                     schedule_retry=self._retry_reporter)
+                                     schedule_retry=self._retry_reporter,
+                                     second_line=notifier)
             app = slack.bolt_app(client, settings.slack_signing_secret, socket_mode=socket_mode)
             self.workspace = slack.Workspace(client, catalogue.slack.teams)
             handlers.register(app, handlers.Deps(self.engine, policy, self.jobs, self.reporter,

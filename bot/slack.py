@@ -19,6 +19,7 @@ from slack_sdk.http_retry.builtin_handlers import (
     RateLimitErrorRetryHandler,
 )
 
+from bot.slack_limits import LimitedClient, SlackLimiter
 from rotation import timeouts
 from rotation.errors import NotAllowed
 
@@ -63,23 +64,35 @@ class BoundedRateLimitRetry(RateLimitErrorRetryHandler):
 
 
 def web_client(token: str | None, base_url: str | None, *,
-               timeout: float | None = None) -> WebClient:
-    """A Web API client for `base_url` (SLACK_API_URL), retrying 429s and dropped connections,
-    every call bounded (`rotation.timeouts`)."""
+               timeout: float | None = None, rate_limit_retry: bool = True) -> WebClient:
+    """A Web API client for `base_url` (SLACK_API_URL), retrying dropped connections and
+    (unless `rate_limit_retry` is off: `limited_client` handles 429s itself) 429s, every call
+    bounded (`rotation.timeouts`)."""
     bounds = timeouts.BOUNDS
     url = base_url or WebClient.BASE_URL
     retries = bounds.slack_attempts - 1
+    handlers: list[Any] = [ConnectionRetry(max_retry_count=retries)]
+    if rate_limit_retry:
+        handlers.append(BoundedRateLimitRetry(retries, bounds.slack_max_retry_after))
     return WebClient(token=token, base_url=url if url.endswith("/") else url + "/",
-                     timeout=int(timeout or bounds.slack),
-                     retry_handlers=[ConnectionRetry(max_retry_count=retries),
-                                     BoundedRateLimitRetry(retries,
-                                                           bounds.slack_max_retry_after)])
+                     timeout=int(timeout or bounds.slack), retry_handlers=handlers)
+
+
+def limited_client(token: str | None, base_url: str | None, *,
+                   limiter: SlackLimiter | None = None) -> LimitedClient:
+    """Rotor's sending client: every call through one rate limiter (`bot.slack_limits`),
+    which handles 429s by pausing the channel; slack_sdk never sleeps on a Retry-After."""
+    bounds = timeouts.BOUNDS
+    return LimitedClient(web_client(token, base_url, rate_limit_retry=False),
+                         limiter or SlackLimiter(max_wait=bounds.slack_max_retry_after),
+                         attempts=bounds.slack_attempts, budget=bounds.slack_call(),
+                         attempt_time=bounds.slack_attempt())
 
 
 class GroupMembers:
     """Who is in a Slack user group, from usergroups.users.list, cached for a short while."""
 
-    def __init__(self, client: WebClient, ttl: float = 60.0,
+    def __init__(self, client: Any, ttl: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.ttl = ttl
@@ -132,7 +145,7 @@ class Workspace:
     Enterprise Grid, `slack.teams` in rotor.yml lists the other workspaces that may.
     """
 
-    def __init__(self, client: WebClient, teams: Collection[str] = ()) -> None:
+    def __init__(self, client: Any, teams: Collection[str] = ()) -> None:
         self.client = client
         self.allowed = frozenset(teams)
         self._installed: tuple[str | None, str | None] | None = None
@@ -183,7 +196,7 @@ class Workspace:
 
 
 
-def bolt_app(client: WebClient, signing_secret: str | None, *, socket_mode: bool) -> App:
+def bolt_app(client: Any, signing_secret: str | None, *, socket_mode: bool) -> App:
     """A Bolt app that authorizes with the bot token without calling Slack per request.
 
     Bolt's default single-workspace authorization calls auth.test on the first request, so a
@@ -197,8 +210,12 @@ def bolt_app(client: WebClient, signing_secret: str | None, *, socket_mode: bool
     def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
         return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id, bot_token=token)
 
-    listener_client = WebClient(base_url=client.base_url, timeout=client.timeout,
-                                retry_handlers=list(client.retry_handlers))
+    bounds = timeouts.BOUNDS
+    listener_client = WebClient(
+        base_url=client.base_url, timeout=client.timeout,
+        retry_handlers=[ConnectionRetry(max_retry_count=bounds.slack_attempts - 1),
+                        BoundedRateLimitRetry(bounds.slack_attempts - 1,
+                                              bounds.slack_max_retry_after)])
     return App(
         name="rotor",
         client=listener_client,

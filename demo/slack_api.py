@@ -10,6 +10,9 @@ It can misbehave like Slack does:
 - `down("refuse")` closes the port (connection refused) and `down("500")` answers errors,
   until `up()`;
 - `rate_limit(n, retry_after)` answers the next n calls with 429 and Retry-After;
+- `enforce_limits()` (opt-in) answers like Slack's rate limits: chat.postMessage about 1 a
+  second per channel (a burst of 3), chat.update 50 a minute; over them, 429 with a
+  Retry-After;
 - `lose_responses(n)` takes the next n chat.postMessage calls, then drops the connection
   without answering, as when a response is lost on the way back.
 
@@ -21,10 +24,11 @@ Channels have members, as in Slack: the bot posts in a public channel without be
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,7 +103,10 @@ class FakeSlack:
         self._mode = "up"
         self._rate_limited = 0
         self._retry_after = 1
+        self._limited_methods: set[str] | None = None
         self._lose = 0
+        self._limits: dict[str, tuple[float, float]] | None = None  # method -> (rate, burst)
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
         self._lose_in: str | None = None
         self._server: ThreadingHTTPServer | None = None
 
@@ -159,9 +166,42 @@ class FakeSlack:
         finally:
             self.up()
 
-    def rate_limit(self, calls: int, retry_after: int = 1) -> None:
+    def rate_limit(self, calls: int, retry_after: int = 1,
+                   methods: Collection[str] | None = None) -> None:
+        """Answer the next `calls` calls (to `methods` only, when given) with 429."""
         with self._lock:
             self._rate_limited, self._retry_after = calls, retry_after
+            self._limited_methods = None if methods is None else set(methods)
+
+    def enforce_limits(self, post_per_second: float = 1.0, post_burst: float = 3,
+                       update_per_minute: float = 50, update_burst: float = 10) -> None:
+        """From now on, answer 429 + Retry-After like Slack to calls over its limits:
+        chat.postMessage per channel, chat.update per workspace (token buckets)."""
+        with self._lock:
+            self._limits = {"chat.postMessage": (post_per_second, post_burst),
+                            "chat.update": (update_per_minute / 60, update_burst)}
+            self._buckets.clear()
+
+    def limited(self) -> list[Call]:
+        """The calls answered 429."""
+        with self._lock:
+            return [c for c in self.calls if c.status == 429]
+
+    def _over_limit(self, method: str, params: dict[str, Any]) -> float | None:
+        """Seconds to wait when this call is over its limit (None: it may go)."""
+        if self._limits is None or method not in self._limits:
+            return None
+        rate, burst = self._limits[method]
+        key = (method, self._channel_id(str(params.get("channel") or ""))
+               if method == "chat.postMessage" else "")
+        now = time.monotonic()
+        tokens, at = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / rate
+        self._buckets[key] = (tokens - 1, now)
+        return None
 
     def lose_responses(self, posts: int, channel: str | None = None) -> None:
         """Lose the answers to the next `posts` posts (to `channel` only, when given)."""
@@ -238,11 +278,17 @@ class FakeSlack:
             if self._mode == "500":
                 self.calls.append(Call(method, params, path, status=500))
                 return 500, {}, {"ok": False, "error": "internal_error"}
-            if self._rate_limited > 0 and method != "response_url":
+            if self._rate_limited > 0 and method != "response_url" and (
+                    self._limited_methods is None or method in self._limited_methods):
                 self._rate_limited -= 1
                 self.calls.append(Call(method, params, path, status=429))
                 return 429, {"Retry-After": str(self._retry_after)}, {"ok": False,
                                                                      "error": "ratelimited"}
+            wait = self._over_limit(method, params)
+            if wait is not None:
+                self.calls.append(Call(method, params, path, status=429))
+                return 429, {"Retry-After": str(max(1, math.ceil(wait)))}, {
+                    "ok": False, "error": "ratelimited"}
             self.calls.append(Call(method, params, path))
             body = self._api(method, params)
             lost_here = self._lose_in is None or body.get("channel") == self.channels.get(

@@ -26,6 +26,7 @@ from rotation.errors import (
     InvalidTransition,
     LeaseLost,
     NotAllowed,
+    NoticePending,
     RotorError,
     StepFailed,
     UnknownName,
@@ -51,6 +52,8 @@ LEASE_SECONDS = timeouts.LEASE_SECONDS
 SLOT_RETRY = 0.5  # seconds before a rotation that found its host or account full is tried again
 SYSTEM = "rotor"
 GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
+NOTICE_WAIT = "the 2nd line notice to be posted"
+NOTICE_RECHECK = 5.0  # seconds; posting the notice wakes the step sooner (`Engine.recheck`)
 
 
 # -- what steps return -------------------------------------------------------------------
@@ -95,9 +98,11 @@ class _NeedsApproval(Exception):
 class _Pause(Exception):
     """Control flow: the gate is approved but must wait (2nd line notice, hold period)."""
 
-    def __init__(self, reason: str, until: float) -> None:
+    def __init__(self, reason: str, until: float, event: str | None = None,
+                 detail: str | None = None) -> None:
         super().__init__(reason)
         self.reason, self.until = reason, until
+        self.event, self.detail = event, detail  # the audit row when the wait begins
 
 
 @dataclass(frozen=True)
@@ -532,7 +537,8 @@ class Engine:
         except _NeedsApproval as need:
             self._ask(ctx, need)
         except _Pause as pause:
-            self._wait(ctx, pause.reason, until=pause.until)
+            self._wait(ctx, pause.reason, until=pause.until, event=pause.event,
+                       detail=pause.detail)
         except RotorError as exc:
             self._fail(ctx, explain(exc, ctx.env) or str(exc))
         except Exception as exc:
@@ -599,7 +605,8 @@ class Engine:
         self._transition(ctx, "failed", detail=reason, error=reason, next_check_at=None,
                          **spent)
 
-    def _wait(self, ctx: Context, reason: str, *, until: float | None = None) -> None:
+    def _wait(self, ctx: Context, reason: str, *, until: float | None = None,
+              event: str | None = None, detail: str | None = None) -> None:
         now = self.clock()
         waits = self.catalogue.waits
         if until is None:
@@ -611,8 +618,9 @@ class Engine:
             ctx.log.info("waiting for %s", reason)
         # A destructive approval acted on is spent: the next round needs its own decision.
         spent = _SPENT if ctx.used_destructive else {}
-        self._transition(ctx, "waiting", event="waiting" if first else "step",
-                         detail=reason if first else None, wait_reason=reason,
+        self._transition(ctx, "waiting", event=(event or "waiting") if first else "step",
+                         detail=redact.redact(detail or reason) if first else None,
+                         wait_reason=reason,
                          waiting_since=ctx.step.waiting_since or now,
                          next_check_at=until, checks=ctx.step.checks + 1, **spent)
 
@@ -629,7 +637,12 @@ class Engine:
                          waiting_since=None, wait_reason=None, checks=0)
 
     def _second_line_notice(self, ctx: Context, summary: str) -> None:
-        """Post the 2nd line notice once, then hold; raises _Pause until the step may run."""
+        """Post the 2nd line notice once, then hold; raises _Pause until the step may run.
+
+        A notifier that posts from a thread of its own (Slack) raises NoticePending: the step
+        then waits, its worker free, with a `second-line-requested` row (the request, in the
+        wait's own transaction) until the notice is posted and `recheck` wakes it.
+        """
         step = ctx.step
         now = self.clock()
         if step.notice_at is None:
@@ -640,11 +653,14 @@ class Engine:
             try:
                 where = self.second_line.notify(ctx.rotation, step, summary,
                                                 step.decided_by or "?")
+            except NoticePending:
+                raise _Pause(NOTICE_WAIT, now + NOTICE_RECHECK, event="second-line-requested",
+                             detail=summary) from None
             except RotorError:
                 raise  # the notifier says it cannot tell 2nd line at all: the step fails
             except Exception as exc:  # Slack down: keep the approval, retry the notice.
                 ctx.log.warning("2nd line notice failed: %s", exc)
-                raise _Pause("the 2nd line notice to be posted", now + 30) from None
+                raise _Pause(NOTICE_WAIT, now + 30) from None
             hold = self.catalogue.slack.hold_seconds
             with self.store.transaction():
                 self.store.update_step(ctx.rotation.id, step.position, notice_at=now,
@@ -801,6 +817,21 @@ class Engine:
             self.store.audit(rotation.id, "requested", actor, detail=name)
         self.on_change(rotation.id)
         return self.store.rotation(rotation.id)
+
+    def recheck(self, rotation_id: int, step_name: str, reason: str) -> None:
+        """Look at a step waiting for `reason` again now (what it waits for happened)."""
+        rotation = self.store.rotation(rotation_id)
+        step = rotation.current
+        if (rotation.status != ACTIVE or step is None or step.name != step_name
+                or step.status != "waiting" or step.wait_reason != reason):
+            return
+        with self.store.transaction(fenced=False):
+            won = self.store.update_step(rotation.id, step.position,
+                                         expect={"status": "waiting", "wait_reason": reason},
+                                         next_check_at=self.clock())
+            if won:
+                self.store.update_rotation(rotation.id, next_run_at=self.clock())
+        self.on_change(rotation.id)
 
     def retry(self, rotation_id: int, actor: str) -> RotationRow:
         """Run the failed step again (a rejected gate asks for approval again)."""

@@ -57,3 +57,7 @@ class LeaseLost(RotorError):
 
 class InvalidTransition(RotorError):
     """The rotation or step is not in a state that allows the operation."""
+
+
+class NoticePending(Exception):
+    """The 2nd line notice is asked for and not posted yet: the Slack side posts it."""

@@ -70,9 +70,14 @@ class Bounds:
         return self.kube_attempts * (self.kube_connect + self.kube_read)
 
     def slack_call(self) -> float:
-        """Connection retries and 429 retries are counted apart: up to 2n-1 attempts."""
+        """Connection retries and 429 retries are counted apart: up to 2n-1 attempts. The
+        rate limiter (`bot.slack_limits`) keeps its waits and 429 retries within this too."""
         retries = self.slack_attempts - 1
         return (1 + 2 * retries) * self.slack + retries * self.slack_max_retry_after
+
+    def slack_attempt(self) -> float:
+        """One call through slack_sdk with its connection retries (no 429 retries)."""
+        return self.slack_attempts * self.slack
 
     def longest_call(self) -> float:
         return max(self.mysql_call(), self.postgres_call(), self.aws_call(), self.kube_call(),
