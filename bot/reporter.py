@@ -229,12 +229,16 @@ class Reporter:
         return None
 
     def _sync_root(self, rotation_id: int) -> int | None:
-        """Bring the root message's checklist up to date (progress: after the decisions)."""
+        """Bring the root message's checklist up to date (progress: after the decisions).
+        A fleet member has no root of its own: its fleet's table (fleet_report) shows it."""
         state = self._load(rotation_id)
         if not state.root or (state.synced >= state.cursor and not self._resync):
             return None
+        rotation = self.store.rotation(rotation_id)
+        if rotation.fleet_id is not None:
+            return None
         try:
-            text, blocks = messages.root(self.store.rotation(rotation_id))
+            text, blocks = messages.root(rotation)
             self._call("chat_update", channel=state.channel, ts=state.root, text=text,
                        blocks=blocks)
             state.synced = state.cursor

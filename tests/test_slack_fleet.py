@@ -126,8 +126,14 @@ def test_a_production_fleet_confirmed_by_two_approved_per_gate_in_few_calls(bot,
     bot.click(drop, user="U0BOB")
     for app in members:
         bot.wait_status(app, "production", "done")
-    _fleet_root(bot, fleet_id, ": done")
+    done = _fleet_root(bot, fleet_id, ": done")
     fleet_calls = _calls(slack) - before
+
+    # The fleet's message only ever shows the fleet: no member writes its own root over it.
+    updates = [c for c in slack.calls_to("chat.update") if c.params.get("ts") == done.ts]
+    assert len(updates) >= 3
+    assert all(f"fleet #{fleet_id}:" in c.params["text"] for c in updates), [
+        c.params["text"][:60] for c in updates]
 
     # One 2nd line notice for the fleet's drop, naming every app, before any app dropped.
     notices = [m for m in slack.channel_messages("#govuk-2ndline") if f"fleet #{fleet_id}" in m.text]
