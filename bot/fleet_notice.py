@@ -3,10 +3,14 @@
 Wraps the 2nd line notifier (bot.notify.SlackSecondLine). For a rotation that is not in a
 fleet it changes nothing. For a fleet member's destructive step, the first member to need
 the notice posts one notice (through the wrapped notifier, so it is posted once even when
-Slack's answer is lost) that lists every app of the fleet approved at that gate, and those
-the same "Approve all" click is approving (rotation.fleet.batch_key); each of those apps
-then gets the same link, so each app's step still runs only after a notice that
-names it went out. An app approved later (it asked again) is listed in a further notice.
+Slack's answer is lost) that lists every app of the fleet approved at that gate, once the
+"Approve all" click approving them has approved them all (rotation.fleet.batch_key). Each
+of those apps then gets the same link, so each app's step still runs only after a notice
+that names it went out.
+
+A notice covers one approval, as for a single rotation: each app's link is recorded with the
+approval it was told about (the step's decided_at). An app approved again (a retry, Ask
+again, Hold) finds no link for its new approval and is listed in a further notice.
 """
 
 from __future__ import annotations
@@ -53,10 +57,9 @@ class FleetSecondLine:
         if rotation.fleet_id is None or store is None:
             return str(self.inner.notify(rotation, step, summary, approved_by))
         if getattr(self.inner, "deferred", False):
-            raw = store.get_kv(self._key(rotation, step))
-            links = json.loads(raw)["links"] if raw else {}
-            if rotation.target in links:
-                return str(links[rotation.target])
+            link = _told(_links(store.get_kv(self._key(rotation, step))), rotation, step)
+            if link is not None:
+                return link
             raise NoticePending(self._key(rotation, step))
         return self.post(rotation, step, summary, approved_by)
 
@@ -77,26 +80,50 @@ class FleetSecondLine:
                 raise FleetNoticeBusy(f"fleet #{rotation.fleet_id}'s 2nd line notice")
             waited.wait(0.05)
         try:
-            raw = store.get_kv(key)
-            record: dict[str, Any] = json.loads(raw) if raw else {"apps": [], "links": {}}
-            if rotation.target in record["apps"]:
-                return str(record["links"][rotation.target])
-            batch = json.loads(store.get_kv(batch_key(rotation.fleet_id, step.name)) or "[]")
-            listed = [rotation.target] + [
-                r.target for r in store.fleet_rotations(rotation.fleet_id)
+            links = _links(store.get_kv(key))
+            told = _told(links, rotation, step)
+            if told is not None:
+                return told
+            batch = json.loads(store.get_kv(batch_key(rotation.fleet_id, step.name)) or "{}")
+            if (isinstance(batch, dict) and batch and not batch.get("done")
+                    and store.clock() < float(batch["at"]) + LOCK_SECONDS):
+                raise FleetNoticeBusy(f"fleet #{rotation.fleet_id}'s Approve all is still "
+                                      "approving; its 2nd line notice follows")
+            listed = [(rotation.target, step)] + [
+                (r.target, r.current) for r in store.fleet_rotations(rotation.fleet_id)
                 if r.id != rotation.id and r.status == ACTIVE and r.current is not None
-                and r.current.name == step.name and (r.current.approved or r.id in batch)
-                and r.target not in record["apps"]]
+                and r.current.name == step.name and r.current.approved
+                and _told(links, r, r.current) is None]
+            names = [target for target, _ in listed]
             fleet_summary = (f"fleet #{rotation.fleet_id} in {rotation.env}: {step.name} for "
-                             f"{len(listed)} apps ({', '.join(listed)}). {rotation.target}: "
+                             f"{len(names)} apps ({', '.join(names)}). {rotation.target}: "
                              f"{summary}")
             link = str(getattr(self.inner, "post", self.inner.notify)(
                 rotation, step, fleet_summary, approved_by))
-            record["apps"].extend(listed)
-            record["links"].update(dict.fromkeys(listed, link))
-            store.set_kv(key, json.dumps(record, sort_keys=True))
+            links.update({target: {"link": link, "approval": _approval(told_step)}
+                          for target, told_step in listed})
+            store.set_kv(key, json.dumps({"links": links}, sort_keys=True))
             log.info("notify: fleet #%s %s: one notice for %s apps", rotation.fleet_id,
-                     step.name, len(listed))
+                     step.name, len(names))
             return link
         finally:
             store.try_lock(lock, owner, store.clock())  # release
+
+
+def _approval(step: StepRow) -> str:
+    """The approval a notice told 2nd line about (as SlackSecondLine.key tells them apart)."""
+    return f"{step.decided_at or 0:.6f}"
+
+
+def _links(raw: str | None) -> dict[str, Any]:
+    """app -> {"link", "approval"}: the notices posted for a fleet's gate (kv)."""
+    links = json.loads(raw).get("links", {}) if raw else {}
+    return links if isinstance(links, dict) else {}
+
+
+def _told(links: dict[str, Any], rotation: RotationRow, step: StepRow) -> str | None:
+    """The link of the fleet notice that named this app for this very approval, if any."""
+    entry = links.get(rotation.target)
+    if isinstance(entry, dict) and entry.get("approval") == _approval(step):
+        return str(entry["link"])
+    return None  # not told, told of an earlier approval, or an older record: a new notice

@@ -16,6 +16,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from bot.fleet_notice import FleetNoticeBusy
 from bot.slack import SLACK_ERRORS
 from handlers import fleet_messages, messages
 from rotation import fleet as fleets
@@ -68,7 +69,7 @@ def deliver_member(rep: Reporter, rotation: RotationRow) -> int | None:
     for row in rows:
         try:
             _member_row(rep, state, rotation, row)
-        except SLACK_ERRORS as exc:
+        except (*SLACK_ERRORS, FleetNoticeBusy) as exc:
             log.warning("reporter: #%s %s: Slack unavailable (%s); will retry", rotation.id,
                         row.event, exc)
             rep._save(rotation.id, state)

@@ -2,7 +2,8 @@
 
 It stands in for `mysql` (so `/rotate APP ENV` runs it) and needs no database. Files in the
 directory ROTOR_TEST_CONTROL steer it: `block-sync` makes `sync` wait, `fail` makes `login`
-fail, and `password` holds a secret it registers and then tries to leak everywhere (results,
+fail, `fail-drop-APP` makes APP's `drop-old-user` fail after its approval and 2nd line
+notice, and `password` holds a secret it registers and then tries to leak everywhere (results,
 approval summaries, errors, log lines), so tests can prove it never reaches Slack.
 """
 
@@ -72,6 +73,8 @@ def login(ctx: Context) -> Outcome:
 def drop(ctx: Context) -> Outcome:
     """Runbook: "Deleting the old user"."""
     ctx.approve(f"DROP USER {ctx.target}_1", gate="drop")
+    if _control(f"fail-drop-{ctx.target}").exists():  # after its approval and 2nd line notice
+        raise StepFailed(f"DROP USER {ctx.target}_1 failed")
     return Done(f"dropped {ctx.target}_1")
 
 

@@ -155,3 +155,68 @@ def test_a_production_fleet_confirmed_by_two_approved_per_gate_in_few_calls(bot,
     assert fleet_calls * 2 < 5 * single, (fleet_calls, single)
     print(f"\nSlack posts+updates: one production rotation {single}, "
           f"5 one by one ~{5 * single}, a fleet of 5 {fleet_calls}")
+
+
+def _in_thread(bot: BotProcess, root: Message, rotation_id: int, action_id: str,
+               step: str | None = None) -> dict:
+    """A fleet member's button in its fleet's thread (a member has no root of its own)."""
+    def find() -> dict | None:
+        for message in reversed(bot.slack.thread(root)):
+            for button in message.buttons():
+                value = json.loads(button["value"])
+                if (button["action_id"] == action_id and value.get("rotation") == rotation_id
+                        and (step is None or value.get("step") == step)):
+                    return button
+        return None
+    found = bot.wait_for(find, lambda b: b is not None,
+                         what=f"a {action_id} button for #{rotation_id} in the fleet's thread")
+    assert found is not None
+    return found
+
+
+def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
+    """One notice covers one approval: the member whose drop failed and was retried is
+    approved again in the thread, and 2nd line is told again, naming it, before it drops."""
+    first, second = apps(), apps()
+    bot.control.mkdir(exist_ok=True)
+    fail = bot.control / f"fail-drop-{second}"
+    fail.write_text("")
+    (before,), = bot.rows("SELECT COALESCE(MAX(id), 0) FROM fleets")
+    bot.command(f"{first},{second} production", user="U0ALICE")
+    bot.wait_rows("SELECT COALESCE(MAX(id), 0) FROM fleets",
+                  until=lambda rows: rows[0][0] > before, what="the new fleet")
+    fleet_id = int(bot.rows("SELECT MAX(id) FROM fleets")[0][0])
+    bot.click(_button(_fleet_root(bot, fleet_id, "the plan"), "fleet_confirm"), user="U0ALICE")
+    bot.click(_button(_fleet_root(bot, fleet_id, "Confirm (second person)"), "fleet_confirm"),
+              user="U0BOB")
+    _waiting(bot, [first, second], "switch")
+    bot.click(_button(_fleet_root(bot, fleet_id, "Approve all 2 switch"), "fleet_approve"),
+              user="U0BOB")
+    _waiting(bot, [first, second], "drop-old-user")
+    table = _fleet_root(bot, fleet_id, "Approve all 2 drop-old-user")
+    bot.click(_button(table, "fleet_approve"), user="U0BOB")
+    bot.wait_status(first, "production", "done")
+    bot.wait_step(second, "production", "drop-old-user", "failed")
+    rid = int(bot.rotation(second, "production")["id"])
+
+    def notices() -> list[Message]:
+        return [m for m in slack.channel_messages("#govuk-2ndline")
+                if f"fleet #{fleet_id}" in m.text]
+    assert len(notices()) == 1 and second in notices()[0].text
+
+    fail.unlink()
+    bot.click(_in_thread(bot, table, rid, "retry"), user="U0BOB")
+    bot.wait_step(second, "production", "drop-old-user", "needs-approval")
+    bot.click(_in_thread(bot, table, rid, "approve", "drop-old-user"), user="U0BOB")
+    bot.wait_status(second, "production", "done")
+    again = bot.wait_for(notices, lambda found: len(found) == 2, what="a second notice")
+    assert second in again[1].text and first not in again[1].text.split(". ")[0]
+    rows = bot.rows("SELECT event, to_status, detail FROM audit WHERE rotation_id = ? "
+                    "AND step = 'drop-old-user' ORDER BY id", rid)
+    events = [(event, to_status) for event, to_status, _ in rows]
+    told = [i for i, (event, _) in enumerate(events) if event == "second-line-notified"]
+    approved = [i for i, (event, _) in enumerate(events) if event == "approved"]
+    done = events.index(("step", "done"))
+    assert len(told) == 2 and len(approved) == 2, events
+    assert approved[1] < told[1] < done  # the retry's approval, then its own notice, then drop
+    assert rows[told[0]][2] != rows[told[1]][2]  # a different notice's link
