@@ -64,6 +64,7 @@ def start(home: Path) -> Postgres:
     hba = data / "pg_hba.conf"
     hba.write_text("host all postgres 127.0.0.1/32 trust\n" + hba.read_text())
     run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "start", "-o",
-        f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off "
+        # TCP only (`-k ''`: no Unix socket, whose path would be limited to 107 bytes)
+        f"-p {port} -k '' -c listen_addresses=127.0.0.1 -c fsync=off "
         "-c full_page_writes=off -c synchronous_commit=off")
     return Postgres("127.0.0.1", port, "postgres", home, bindir, user)

@@ -129,7 +129,12 @@ def once(world: World, timeout: float = 300, out: Any = None) -> int:
             world.click("approve", button["value"], person, root.channel, root.ts)
             pressed.add(button["value"])
         time.sleep(0.3)
-    time.sleep(1.0)  # the last thread replies and the checklist's final update
+    if result == "done":  # the checklist's final update comes after the last thread replies
+        try:
+            _wait("the root message to show the rotation done",
+                  lambda: "✔ done" in as_text(root), 30)
+        except TimeoutError:
+            pass  # shown as it is: the checks below still judge the rotation itself
     say("")
     say(f"{CHANNEL}, the rotation's root message (updated in place):")
     say(_indent(as_text(root)))

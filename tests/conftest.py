@@ -116,6 +116,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 _deselected: list[Any] = []
+_ran: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,16 +136,27 @@ def pytest_deselected(items: list[Any]) -> None:
     _deselected.extend(items)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":  # under xdist the controller hears every worker's reports
+        _ran.append(report.nodeid)
+
+
 def _whole_suite(session: pytest.Session) -> bool:
     """Every test under tests/ ran and passed: only then must every granted kind be used."""
-    args = [os.path.abspath(str(a)) for a in session.config.args]
-    return (not _deselected and session.testsfailed == 0 and session.testscollected > 0
+    config = session.config
+    args = [os.path.abspath(str(a)) for a in config.args]
+    narrowed = any(config.getoption(name, None) for name in ("keyword", "markexpr", "deselect",
+                                                             "lf"))
+    return (not _deselected and not narrowed and session.testsfailed == 0 and bool(_ran)
             and all(a == TESTS_DIR for a in args))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from demo.kube_api import CALL_LOG_ENV
     from tests import aws_calls, kube_calls
+
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker ran a share: the controller judges the whole, after them all
 
     entries = kube_calls.read(os.environ.get(CALL_LOG_ENV, ""))
     problems = [f"refused by `rotor rbac`: {p}" for p in kube_calls.refused(entries)]
