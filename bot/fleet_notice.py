@@ -21,6 +21,7 @@ import threading
 import uuid
 from typing import Any
 
+from bot.notify import approval_id
 from rotation.errors import NoticePending
 from rotation.fleet import batch_key
 from rotation.store import ACTIVE, RotationRow, StepRow, Store
@@ -100,7 +101,7 @@ class FleetSecondLine:
                              f"{summary}")
             link = str(getattr(self.inner, "post", self.inner.notify)(
                 rotation, step, fleet_summary, approved_by))
-            links.update({target: {"link": link, "approval": _approval(told_step)}
+            links.update({target: {"link": link, "approval": approval_id(told_step)}
                           for target, told_step in listed})
             store.set_kv(key, json.dumps({"links": links}, sort_keys=True))
             log.info("notify: fleet #%s %s: one notice for %s apps", rotation.fleet_id,
@@ -108,11 +109,6 @@ class FleetSecondLine:
             return link
         finally:
             store.try_lock(lock, owner, store.clock())  # release
-
-
-def _approval(step: StepRow) -> str:
-    """The approval a notice told 2nd line about (as SlackSecondLine.key tells them apart)."""
-    return f"{step.decided_at or 0:.6f}"
 
 
 def _links(raw: str | None) -> dict[str, Any]:
@@ -124,6 +120,6 @@ def _links(raw: str | None) -> dict[str, Any]:
 def _told(links: dict[str, Any], rotation: RotationRow, step: StepRow) -> str | None:
     """The link of the fleet notice that named this app for this very approval, if any."""
     entry = links.get(rotation.target)
-    if isinstance(entry, dict) and entry.get("approval") == _approval(step):
+    if isinstance(entry, dict) and entry.get("approval") == approval_id(step):
         return str(entry["link"])
     return None  # not told, told of an earlier approval, or an older record: a new notice

@@ -60,6 +60,11 @@ def join(client: Any, channel: str) -> None:
             raise
 
 
+def approval_id(step: StepRow) -> str:
+    """Which approval of a step a notice told 2nd line about: each new one differs."""
+    return f"{step.decided_at or 0:.6f}"
+
+
 class SlackSecondLine:
     """Posts the 2nd line notice, once; returns a link to it (the step waits until then).
 
@@ -90,7 +95,7 @@ class SlackSecondLine:
     @staticmethod
     def key(rotation: RotationRow, step: StepRow) -> str:
         """One notice per approval: a new approval (retry, ask again) makes a new key."""
-        return f"{rotation.id}:{step.name}:{step.decided_at or 0:.6f}"
+        return f"{rotation.id}:{step.name}:{approval_id(step)}"
 
     def notify(self, rotation: RotationRow, step: StepRow, summary: str,
                approved_by: str) -> str:

@@ -256,22 +256,22 @@ def approve_gate(engine: Engine, policy: Policy, fleet_id: int, gate: str, actor
     waiting = waiting_at(store.fleet_rotations(fleet_id), gate).get(gate, [])
     if not waiting:
         raise RotationConflict(f"no app of fleet #{fleet_id} waits for an approval of {gate}")
-    approved: list[RotationRow] = []
     # Written before the first approval and marked done after the last: the one 2nd line
     # notice (bot.fleet_notice) waits for the click to approve them all, and names each.
     batch = [r.id for r in waiting if shown is None or r.id in shown]
     record = {"ids": batch, "at": store.clock(), "done": False}
     store.set_kv(batch_key(fleet_id, gate), json.dumps(record))
     try:
-        _approve_each(engine, fleet_id, gate, actor, waiting, shown, approved)
+        approved = _approve_each(engine, fleet_id, gate, actor, waiting, shown)
     finally:  # the notice waits for this: it names every app the click approved
         store.set_kv(batch_key(fleet_id, gate), json.dumps({**record, "done": True}))
     return approved
 
 
 def _approve_each(engine: Engine, fleet_id: int, gate: str, actor: str,
-                  waiting: list[RotationRow], shown: Mapping[int, str] | None,
-                  approved: list[RotationRow]) -> None:
+                  waiting: list[RotationRow], shown: Mapping[int, str] | None
+                  ) -> list[RotationRow]:
+    approved: list[RotationRow] = []
     for rotation in waiting:
         if shown is not None and rotation.id not in shown:
             continue  # it opened its gate after the list was shown: not approved unseen
@@ -284,3 +284,4 @@ def _approve_each(engine: Engine, fleet_id: int, gate: str, actor: str,
         except RotorError as exc:  # one app moved on or asks again: the others still go
             log.warning("fleet: #%s approval of %s for #%s refused: %s", fleet_id, gate,
                         rotation.id, exc)
+    return approved
