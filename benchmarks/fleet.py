@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import tempfile
 import threading
@@ -107,17 +108,24 @@ def fleet(n: int, tmp: Path, *, hung: bool = False) -> Iterator[tuple[Fleet, str
             apps.drop()
 
 
-def _approver(person: Engine, ids: list[int], stop: threading.Event) -> None:
-    """Bob approves every gate the moment it opens."""
-    while not stop.is_set():
-        for rotation_id in ids:
-            step = person.store.rotation(rotation_id).current
-            if step is not None and step.status == "needs-approval":
-                try:
-                    person.approve(rotation_id, step.name, "bob")
-                except InvalidTransition:
-                    pass
-        stop.wait(0.01)
+def _watch(person: Engine, ids: dict[int, str], changed: queue.Queue[int | None],
+           ended: dict[str, float], status: dict[str, str], started: float) -> None:
+    """Bob approves every gate the moment it opens, and each app's end is noted: both from
+    the engines' change events (as Slack clicks and the reporter would), not by polling the
+    state DB, which would take the interpreter from the workers being measured."""
+    while (rotation_id := changed.get()) is not None:
+        if rotation_id not in ids or ids[rotation_id] in ended:
+            continue
+        row = person.store.rotation(rotation_id)
+        step = row.current
+        if row.status != "active" or (step is not None and step.status == "failed"):
+            ended[ids[rotation_id]] = time.perf_counter() - started
+            status[ids[rotation_id]] = row.status if row.status != "active" else "failed"
+        elif step is not None and step.status == "needs-approval":
+            try:
+                person.approve(rotation_id, step.name, "bob")
+            except InvalidTransition:
+                pass
 
 
 def run(apps: list[str], *, workers: int, per_host: int,
@@ -128,32 +136,32 @@ def run(apps: list[str], *, workers: int, per_host: int,
     person = build_engine(settings)
     engines = [build_engine(settings, clients=person.clients) for _ in range(settings.workers)]
     pool = EnginePool(engines, idle=0.5)
-    for engine in engines:
-        engine.on_change = pool.wake
-    started = time.perf_counter()
-    ids = {person.start("mysql", app, "staging", "alice").id: app for app in apps}
-    stop = threading.Event()
-    approver = threading.Thread(target=_approver, args=(person, list(ids), stop), daemon=True)
-    approver.start()
-    pool.start()
+    changed: queue.Queue[int | None] = queue.Queue()
+
+    def on_change(rotation_id: int) -> None:  # as in rotor serve: any change wakes the pool
+        pool.wake(rotation_id)
+        changed.put(rotation_id)
+
+    for engine in [person, *engines]:
+        engine.on_change = on_change
     ended: dict[str, float] = {}
     status: dict[str, str] = {}
+    started = time.perf_counter()
+    ids = {person.start("mysql", app, "staging", "alice").id: app for app in apps}
+    watcher = threading.Thread(target=_watch, daemon=True,
+                               args=(person, ids, changed, ended, status, started))
+    watcher.start()
+    for rotation_id in ids:  # gates opened before the watcher started
+        changed.put(rotation_id)
+    pool.start()
     try:
         while time.perf_counter() - started < LIMIT:
-            for rotation_id, app in ids.items():
-                if app in ended:
-                    continue
-                row = person.store.rotation(rotation_id)
-                failed = row.current is not None and row.current.status == "failed"
-                if row.status != "active" or failed:
-                    ended[app] = time.perf_counter() - started
-                    status[app] = "failed" if failed else row.status
-            if len([a for a in ids.values() if a != skip and a not in ended]) == 0:
+            if all(app in ended for app in ids.values() if app != skip):
                 break
-            time.sleep(0.02)
+            time.sleep(0.05)
     finally:
-        stop.set()
-        approver.join(5)
+        changed.put(None)
+        watcher.join(5)
         if skip is None:
             pool.stop()
     if skip is not None:  # the hung worker stays on its bounded read; leave it to end alone

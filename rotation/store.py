@@ -228,10 +228,19 @@ def process_identity() -> str:
     see and only a process that is really gone; the random instance tells apart workers
     (engines) in one process.
     """
-    boot = (_read("/proc/sys/kernel/random/boot_id") or "-")[:13]
-    start = _start_time(os.getpid()) or "-"
-    return (f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:"
-            f"{boot}.{_pid_namespace()}.{start}")
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{_proof()}"
+
+
+_proofs: dict[int, str] = {}
+
+
+def _proof() -> str:
+    """This process's "boot.namespace.start", read once per pid (a fork reads its own)."""
+    pid = os.getpid()
+    if pid not in _proofs:
+        boot = (_read("/proc/sys/kernel/random/boot_id") or "-")[:13]
+        _proofs[pid] = f"{boot}.{_pid_namespace()}.{_start_time(pid) or '-'}"
+    return _proofs[pid]
 
 
 def holder_is_dead(holder: str) -> bool:
@@ -247,9 +256,11 @@ def holder_is_dead(holder: str) -> bool:
         return False
     boot, _, rest = parts[3].partition(".")
     namespace, _, started = rest.partition(".")
-    mine = process_identity().split(":")[3].split(".")
+    mine = _proof().split(".")
     if "-" in (boot, namespace, started) or [boot, namespace] != mine[:2]:
         return False
+    if int(parts[1]) == os.getpid() and started == mine[2]:
+        return False  # this very process: alive (claims ask this often; no /proc read)
     return _start_time(int(parts[1])) != started
 
 
