@@ -174,6 +174,26 @@ def _in_thread(bot: BotProcess, root: Message, rotation_id: int, action_id: str,
     return found
 
 
+def _approve_the_drop(bot: BotProcess, members: list[str]) -> tuple[int, Message]:
+    """A production fleet of `members`, confirmed by two and approved at both gates by
+    "Approve all"; its id and its table."""
+    (before,), = bot.rows("SELECT COALESCE(MAX(id), 0) FROM fleets")
+    bot.command(f"{','.join(members)} production", user="U0ALICE")
+    bot.wait_rows("SELECT COALESCE(MAX(id), 0) FROM fleets",
+                  until=lambda rows: rows[0][0] > before, what="the new fleet")
+    fleet_id = int(bot.rows("SELECT MAX(id) FROM fleets")[0][0])
+    bot.click(_button(_fleet_root(bot, fleet_id, "the plan"), "fleet_confirm"), user="U0ALICE")
+    bot.click(_button(_fleet_root(bot, fleet_id, "Confirm (second person)"), "fleet_confirm"),
+              user="U0BOB")
+    _waiting(bot, members, "switch")
+    bot.click(_button(_fleet_root(bot, fleet_id, f"Approve all {len(members)} switch"),
+                      "fleet_approve"), user="U0BOB")
+    _waiting(bot, members, "drop-old-user")
+    table = _fleet_root(bot, fleet_id, f"Approve all {len(members)} drop-old-user")
+    bot.click(_button(table, "fleet_approve"), user="U0BOB")
+    return fleet_id, table
+
+
 def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     """One notice covers one approval: the member whose drop failed and was retried is
     approved again in the thread, and 2nd line is told again, naming it, before it drops."""
@@ -181,20 +201,7 @@ def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     bot.control.mkdir(exist_ok=True)
     fail = bot.control / f"fail-drop-{second}"
     fail.write_text("")
-    (before,), = bot.rows("SELECT COALESCE(MAX(id), 0) FROM fleets")
-    bot.command(f"{first},{second} production", user="U0ALICE")
-    bot.wait_rows("SELECT COALESCE(MAX(id), 0) FROM fleets",
-                  until=lambda rows: rows[0][0] > before, what="the new fleet")
-    fleet_id = int(bot.rows("SELECT MAX(id) FROM fleets")[0][0])
-    bot.click(_button(_fleet_root(bot, fleet_id, "the plan"), "fleet_confirm"), user="U0ALICE")
-    bot.click(_button(_fleet_root(bot, fleet_id, "Confirm (second person)"), "fleet_confirm"),
-              user="U0BOB")
-    _waiting(bot, [first, second], "switch")
-    bot.click(_button(_fleet_root(bot, fleet_id, "Approve all 2 switch"), "fleet_approve"),
-              user="U0BOB")
-    _waiting(bot, [first, second], "drop-old-user")
-    table = _fleet_root(bot, fleet_id, "Approve all 2 drop-old-user")
-    bot.click(_button(table, "fleet_approve"), user="U0BOB")
+    fleet_id, table = _approve_the_drop(bot, [first, second])
     bot.wait_status(first, "production", "done")
     bot.wait_step(second, "production", "drop-old-user", "failed")
     rid = int(bot.rotation(second, "production")["id"])
@@ -220,3 +227,4 @@ def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     assert len(told) == 2 and len(approved) == 2, events
     assert approved[1] < told[1] < done  # the retry's approval, then its own notice, then drop
     assert rows[told[0]][2] != rows[told[1]][2]  # a different notice's link
+
