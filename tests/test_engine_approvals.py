@@ -12,6 +12,7 @@ import pytest
 import sqlite_utils
 
 from handlers import messages
+from rotation import fleet as fleets
 from rotation.catalogue import SlackConfig
 from rotation.engine import Context, Done, Engine, Outcome
 from rotation.errors import InvalidTransition, NotAllowed
@@ -178,6 +179,31 @@ def test_a_hold_while_the_notice_is_recorded_stops_the_step_without_a_hold_perio
     assert row.current.notice_at is None and acted == []
     events = [r.event for r in engine.store.audit_rows(rid)]
     assert "held" in events and "second-line-notified" not in events
+
+
+def test_a_fleet_notices_hold_holds_each_app_it_names_and_says_which_it_could_not(
+    tmp_path, clock  # noqa: F811
+):
+    acted: list[str] = []
+    engine, _ = make(tmp_path, clock, {"drop": _gate(True, acted)}, notices=Notices())
+    fleet_id = engine.store.create_fleet("production", "alice", {}, [])
+    signon, whitehall = (engine.start("mysql", app, "production", "alice",
+                                      fleet_id=fleet_id).id for app in ("signon", "whitehall"))
+    for rid in (signon, whitehall):
+        engine.advance(rid)
+    engine.approve(signon, "drop", "bob")  # whitehall is not approved: nothing to stop
+    held, refused = fleets.hold_notice(engine, signon, "drop", "erin", also=[whitehall])
+    assert [r.id for r in held] == [signon] and held[0].phase == "needs-approval"
+    assert refused == [f"rotation #{whitehall} step drop is not in a hold period"]
+
+    # The notice's Hold could not carry the ids: it names the fleet, whose approved apps
+    # at the step are held.
+    for rid in (signon, whitehall):
+        engine.approve(rid, "drop", "bob")
+    held, refused = fleets.hold_notice(engine, signon, "drop", "erin", fleet_id=fleet_id)
+    assert sorted(r.id for r in held) == [signon, whitehall] and refused == []
+    assert all(engine.advance(rid).phase == "needs-approval" for rid in (signon, whitehall))
+    assert acted == []
 
 
 def test_the_migration_carries_open_requests_out_of_data(tmp_path, clock):  # noqa: F811

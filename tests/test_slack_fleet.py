@@ -228,3 +228,33 @@ def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     assert approved[1] < told[1] < done  # the retry's approval, then its own notice, then drop
     assert rows[told[0]][2] != rows[told[1]][2]  # a different notice's link
 
+
+def test_hold_on_the_fleets_one_notice_holds_every_app_it_names(tmp_path, apps):
+    """2nd line sees one notice naming every app "Approve all" approved at the drop; its Hold
+    stops them all (before the hold period, or before an app picked up the notice's link),
+    and a click that finds nothing left to hold says so, app by app."""
+    members = [apps() for _ in range(3)]
+    with running_bot(tmp_path, hold=600) as bot:  # far longer than the test takes
+        fleet_id, _ = _approve_the_drop(bot, members)
+        notice = bot.wait_for(
+            lambda: [m for m in bot.slack.channel_messages("#govuk-2ndline")
+                     if f"fleet #{fleet_id}" in m.text and m.buttons()],
+            lambda found: len(found) == 1, what="the fleet's one 2nd line notice")[0]
+        assert all(app in notice.text for app in members)
+        hold = _button(notice, "hold")
+        bot.click(hold, user="U0ERIN")  # 2nd line, in neither list
+
+        for app in members:
+            bot.wait_step(app, "production", "drop-old-user", "needs-approval")
+            rid = bot.rotation(app, "production")["id"]
+            assert bot.rows("SELECT actor, to_status FROM audit WHERE rotation_id = ? AND "
+                            "event = 'held' AND step = 'drop-old-user'", rid) == [
+                ("U0ERIN", "needs-approval")]
+        assert bot.rows("SELECT COUNT(*) FROM audit WHERE step = 'drop-old-user' AND "
+                        "to_status = 'done'") == [(0,)]
+
+        bot.click(hold, user="U0ERIN")  # again: every app is held already
+        again = bot.wait_reply("Could not hold")
+        assert "Held `drop-old-user` for 0 of 3 apps (none)" in again
+        assert all(f"rotation #{bot.rotation(app, 'production')['id']} step drop-old-user"
+                   in again for app in members)
