@@ -90,19 +90,23 @@ class FleetSecondLine:
                     and store.clock() < float(batch["at"]) + LOCK_SECONDS):
                 raise FleetNoticeBusy(f"fleet #{rotation.fleet_id}'s Approve all is still "
                                       "approving; its 2nd line notice follows")
-            listed = [(rotation.target, step)] + [
-                (r.target, r.current) for r in store.fleet_rotations(rotation.fleet_id)
+            listed = [(rotation, step)] + [
+                (r, r.current) for r in store.fleet_rotations(rotation.fleet_id)
                 if r.id != rotation.id and r.status == ACTIVE and r.current is not None
                 and r.current.name == step.name and r.current.approved
                 and _told(links, r, r.current) is None]
-            names = [target for target, _ in listed]
+            names = [r.target for r, _ in listed]
             fleet_summary = (f"fleet #{rotation.fleet_id} in {rotation.env}: {step.name} for "
                              f"{len(names)} apps ({', '.join(names)}). {rotation.target}: "
                              f"{summary}")
-            link = str(getattr(self.inner, "post", self.inner.notify)(
-                rotation, step, fleet_summary, approved_by))
-            links.update({target: {"link": link, "approval": approval_id(told_step)}
-                          for target, told_step in listed})
+            post = getattr(self.inner, "post", None)
+            # The notice's Hold holds every app it names, not only the first.
+            also = [r.id for r, _ in listed[1:]]
+            link = str(post(rotation, step, fleet_summary, approved_by, also=also)
+                       if post is not None
+                       else self.inner.notify(rotation, step, fleet_summary, approved_by))
+            links.update({r.target: {"link": link, "approval": approval_id(told_step)}
+                          for r, told_step in listed})
             store.set_kv(key, json.dumps({"links": links}, sort_keys=True))
             log.info("notify: fleet #%s %s: one notice for %s apps", rotation.fleet_id,
                      step.name, len(names))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
@@ -109,16 +109,18 @@ class SlackSecondLine:
         raise NoticePending(self.key(rotation, step))
 
     def post(self, rotation: RotationRow, step: StepRow, summary: str,
-             approved_by: str) -> str:
+             approved_by: str, *, also: Sequence[int] = ()) -> str:
         """Post the notice unless it was posted before; its link. StepFailed, recorded for
-        `notify`, when Rotor may not post in the channel."""
+        `notify`, when Rotor may not post in the channel. `also`: the other rotations a
+        fleet's notice names (bot.fleet_notice), which its Hold button holds too."""
         key = self.key(rotation, step)
         record = self._load(key)
         if record.get("permalink"):
             return str(record["permalink"])
         try:
             with priority(NOTICE):  # ahead of progress updates in the rate limiter's line
-                permalink = self._post_once(key, record, rotation, step, summary, approved_by)
+                permalink = self._post_once(key, record, rotation, step, summary, approved_by,
+                                            also=also)
         except SlackApiError as exc:
             error = str(exc.response.get("error"))
             if error not in NOT_IN_CHANNEL:
@@ -132,7 +134,8 @@ class SlackSecondLine:
         return permalink
 
     def _post_once(self, key: str, record: dict[str, Any], rotation: RotationRow,
-                   step: StepRow, summary: str, approved_by: str) -> str:
+                   step: StepRow, summary: str, approved_by: str, *,
+                   also: Sequence[int] = ()) -> str:
         from handlers import messages
 
         channel = channel_id(self.client, self.store, self.channel)
@@ -144,7 +147,8 @@ class SlackSecondLine:
         if ts is None:
             self._save(key, {"at": self._now()})  # in flight: a retry looks before it posts
             text, blocks = messages.second_line_notice(rotation, step, summary, approved_by,
-                                                       self.group, self.thread_link(rotation))
+                                                       self.group, self.thread_link(rotation),
+                                                       also=also)
             response = self.client.chat_postMessage(
                 channel=channel, text=text, blocks=blocks, unfurl_links=False,
                 metadata={"event_type": NOTICE_EVENT, "event_payload": {"notice": key}})

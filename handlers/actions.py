@@ -46,8 +46,16 @@ def reject(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
 
 
 def hold(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
-    # Anyone who sees the 2nd line notice may hold: a hold only ever stops a step.
-    deps.engine.hold(target["rotation"], _step(target), user)
+    """Anyone who sees the 2nd line notice may hold: a hold only ever stops a step. A
+    fleet's notice holds every app it names; the clicker hears of those that could not be."""
+    step = _step(target)
+    if not (target["also"] or target["fleet"] is not None):
+        deps.engine.hold(target["rotation"], step, user)
+        return
+    held, refused = fleets.hold_notice(deps.engine, target["rotation"], step, user,
+                                       also=target["also"], fleet_id=target["fleet"])
+    if refused:
+        reply(fleet_messages.held(step, held, refused))
 
 
 def ask_again(deps: Deps, target: dict[str, Any], user: str, reply: Reply) -> None:
@@ -132,6 +140,22 @@ def parse_fleet(action: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def parse_hold(action: dict[str, Any]) -> dict[str, Any]:
+    """A Hold button's value: `messages.value`, and on a fleet's notice "also": [rotation
+    ids] or "fleet": ID."""
+    data = parse_value(action)
+    also, fleet = data.get("also", []), data.get("fleet")
+    if not isinstance(also, list) or not all(_is_id(i) for i in also):
+        raise BadRequest("that button's payload is not one Rotor made")
+    if fleet is not None and not _is_id(fleet):
+        raise BadRequest("that button's payload names no fleet")
+    return {**data, "also": also, "fleet": fleet}
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_request(action: dict[str, Any]) -> dict[str, Any]:
     """A request button's value: "<rotation id>:<request name>"."""
     rotation, _, name = str(action.get("value") or "").partition(":")
@@ -157,7 +181,8 @@ WORK: dict[str, Work] = {
 }
 # How each button's value reads; JSON from `messages.value` unless named here.
 PARSE: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    messages.REQUEST: parse_request, messages.ROTATE_KEY_NOW: parse_user_env,
+    messages.HOLD: parse_hold, messages.REQUEST: parse_request,
+    messages.ROTATE_KEY_NOW: parse_user_env,
     messages.FLEET_CONFIRM: parse_fleet, messages.FLEET_APPROVE: parse_fleet,
 }
 

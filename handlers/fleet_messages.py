@@ -131,3 +131,12 @@ def table(fleet: FleetRow, rotations: Sequence[RotationRow]) -> Message:
 def gate_approved(fleet_id: int, gate: str, approved: int, shown: int) -> str:
     return (f"Approved {escape(gate)} for {approved} of {shown} apps of fleet #{fleet_id}"
             + ("" if approved == shown else "; the others ask again in their threads"))
+
+
+@redacted
+def held(step: str, held: Sequence[RotationRow], refused: Sequence[str]) -> str:
+    """The reply to a fleet notice's Hold when some of the apps it names could not be held."""
+    names = ", ".join(f"{r.target} #{r.id}" for r in held) or "none"
+    why = "; ".join(escape(reason) for reason in refused)
+    return (f":no_entry: Held {escape(step)} for {len(held)} of {len(held) + len(refused)} "
+            f"apps ({names}). Could not hold: {why}")

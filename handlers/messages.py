@@ -30,7 +30,7 @@ APPROVE = "approve"
 REJECT = "reject"
 RETRY = "retry"
 CANCEL = "cancel"
-HOLD = "hold"
+HOLD = "hold"  # value {"rotation", "step"}; a fleet's notice adds "also": [ids] or "fleet"
 ASK_AGAIN = "ask_again"
 ROTATE_NEXT = "rotate_next"
 REQUEST = "request"  # value "<rotation id>:<request name>": what a waiting step offers
@@ -45,6 +45,8 @@ REQUEST_LABELS = {"reactivate": "Reactivate old key", "rollback": "Roll back"}
 REQUEST_CONFIRMS = {"rollback": ("Roll back?", "AWSCURRENT moves back to the version before "
                                  "this rotation, and the consumers are redeployed again.",
                                  "Roll back")}
+
+BUTTON_VALUE_CHARS = 2000  # Slack's limit on what a button carries
 
 COMMAND = "/rotate"
 HELP = f"""\
@@ -582,15 +584,28 @@ def finished(rotation: RotationRow, next_envs: Iterable[str],
 
 @redacted
 def second_line_notice(rotation: RotationRow, step: StepRow, summary: str, approved_by: str,
-                       group: str | None, link: str | None) -> Message:
-    """What 2nd line is told before a destructive step runs."""
+                       group: str | None, link: str | None, also: Sequence[int] = ()
+                       ) -> Message:
+    """What 2nd line is told before a destructive step runs. `also`: the other rotations a
+    fleet's notice names, which its Hold holds too."""
     ping = f"<!subteam^{group}> " if group else ""
     where = f" (<{link}|thread>)" if link and _is_link(link) else ""
     text = (f"{ping}:warning: Rotor is about to run `{step.name}` on {rotation.target} in "
             f"{rotation.env}: {escape(summary)}. Approved by {user(approved_by)}{where}.")
-    hold = _button("Hold", HOLD, value(rotation.id, step.name), style="danger",
+    hold = _button("Hold", HOLD, _hold_value(rotation, step, also), style="danger",
                    confirm=_confirm("Hold this step?", "It will need approving again.", "Hold"))
     return text, [_section(text), _actions(hold)]
+
+
+def _hold_value(rotation: RotationRow, step: StepRow, also: Sequence[int]) -> str:
+    """The notice's rotation and the others it names; when their ids pass Slack's limit on a
+    button's value, its fleet instead, whose apps approved at the step are held."""
+    if not also:
+        return value(rotation.id, step.name)
+    named = value(rotation.id, step.name, also=list(also))
+    if len(named) <= BUTTON_VALUE_CHARS or rotation.fleet_id is None:
+        return named
+    return value(rotation.id, step.name, fleet=rotation.fleet_id)
 
 
 # -- App Home ------------------------------------------------------------------------------

@@ -225,6 +225,9 @@ class Context:
                                  f"asking again. {summary}", is_destructive, bound, four_eyes)
         if is_destructive and self.catalogue.notify_second_line(self.env):
             self.engine._second_line_notice(self, summary)
+            if not (self.step.approved and self.step.decided_at == step.decided_at):
+                # Held while 2nd line was being told (Engine.hold): this approval is gone.
+                raise _NeedsApproval(gate, summary, is_destructive, bound, four_eyes)
         if is_destructive:
             self.used_destructive = True
 
@@ -663,10 +666,15 @@ class Engine:
                 raise _Pause(NOTICE_WAIT, now + 30) from None
             hold = self.catalogue.slack.hold_seconds
             with self.store.transaction():
-                self.store.update_step(ctx.rotation.id, step.position, notice_at=now,
-                                       notice_ref=where[:300], hold_until=now + hold)
-                self.store.audit(ctx.rotation.id, "second-line-notified", SYSTEM,
-                                 step=step.name, detail=where[:300])
+                # Compare-and-set: a Hold since this run read the approval cleared it, and
+                # the notice is not recorded for an approval that no longer stands.
+                if self.store.update_step(ctx.rotation.id, step.position,
+                                          expect={"decided_at": step.decided_at,
+                                                  "notice_at": None},
+                                          notice_at=now, notice_ref=where[:300],
+                                          hold_until=now + hold):
+                    self.store.audit(ctx.rotation.id, "second-line-notified", SYSTEM,
+                                     step=step.name, detail=where[:300])
             ctx.step = step = self.store.rotation(ctx.rotation.id).step(step.position)
         if step.hold_until and step.hold_until > now:
             raise _Pause("the 2nd line hold period to pass", step.hold_until)
@@ -732,15 +740,26 @@ class Engine:
         self.on_change(rotation.id)
 
     def hold(self, rotation_id: int, step_name: str, actor: str) -> RotationRow:
-        """2nd line stops a destructive step during its hold period; it must be approved again."""
+        """2nd line stops a destructive step before it acts; it must be approved again.
+
+        During its hold period, or once approved and before its 2nd line notice is recorded:
+        a fleet's apps are named in one notice, and an app whose worker has not yet picked up
+        the notice's link cannot have acted (it acts only after the notice and hold period).
+        """
         rotation = self._active(rotation_id)
         step = rotation.step(step_name)
-        if not (step.approved and step.hold_until and step.hold_until > self.clock()):
+        in_hold_period = step.hold_until is not None and step.hold_until > self.clock()
+        before_notice = (step.notice_at is None and bool(step.gate_destructive)
+                         and self.catalogue.notify_second_line(rotation.env))
+        if not (step.approved and (in_hold_period or before_notice)):
             raise InvalidTransition(f"rotation #{rotation.id} step {step.name} is not in a hold "
                                     "period")
         with self.store.transaction():
+            # Compare-and-set on the approval and its notice: a notice recorded since this
+            # read may have let the step act (no hold period), so this hold loses then.
             won = self.store.update_step(
-                rotation.id, step.position, expect={"decided_at": step.decided_at},
+                rotation.id, step.position,
+                expect={"decided_at": step.decided_at, "notice_at": step.notice_at},
                 status="needs-approval", decision=None, decided_by=None, decided_at=None,
                 notice_at=None, notice_ref=None, hold_until=None,
                 gate_requested_at=self.clock(), wait_reason=None, next_check_at=None)
@@ -749,6 +768,9 @@ class Engine:
                 self.store.audit(rotation.id, "held", actor, step=step.name,
                                  from_status=step.status, to_status="needs-approval",
                                  detail=f"held by {actor}")
+        if not won:
+            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} moved on while "
+                                    "it was being held")
         self.on_change(rotation.id)
         return self.store.rotation(rotation.id)
 

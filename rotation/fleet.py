@@ -285,3 +285,27 @@ def _approve_each(engine: Engine, fleet_id: int, gate: str, actor: str,
             log.warning("fleet: #%s approval of %s for #%s refused: %s", fleet_id, gate,
                         rotation.id, exc)
     return approved
+
+
+def hold_notice(engine: Engine, rotation_id: int, step: str, actor: str, *,
+                also: Sequence[int] = (), fleet_id: int | None = None
+                ) -> tuple[list[RotationRow], list[str]]:
+    """The Hold of a fleet's one 2nd line notice: hold `step` of its rotation and of each
+    other app it names (`also`; or, when their ids did not fit in the button, each app of
+    `fleet_id` approved at `step`). Each hold is its own: one that cannot be held (it acted
+    already, it is not approved) does not stop the others. The rotations held, and why each
+    of the others could not be."""
+    ids = [rotation_id, *also]
+    if fleet_id is not None:
+        ids += [r.id for r in engine.store.fleet_rotations(fleet_id)
+                if r.status == ACTIVE and r.current is not None and r.current.name == step
+                and r.current.approved]
+    held: list[RotationRow] = []
+    refused: list[str] = []
+    for held_id in dict.fromkeys(ids):
+        try:
+            held.append(engine.hold(held_id, step, actor))
+        except RotorError as exc:  # one app moved on: the others are still held
+            log.warning("fleet: hold of %s for #%s refused: %s", step, held_id, exc)
+            refused.append(str(exc))
+    return held, refused

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from typing import Any
 
 import pytest
 import sqlite_utils
 
 from handlers import messages
-from rotation.engine import Context, Done, Outcome
+from rotation import fleet as fleets
+from rotation.catalogue import SlackConfig
+from rotation.engine import Context, Done, Engine, Outcome
 from rotation.errors import InvalidTransition, NotAllowed
 from rotation.facts import Facts
 from rotation.store import MIGRATIONS, Store
-from tests.test_engine import Notices, clock, make  # noqa: F401
+from tests.test_engine import CATALOGUE, Notices, ScriptedKind, clock, make  # noqa: F401
 
 
 class World:
@@ -110,6 +113,97 @@ def test_a_gate_can_demand_a_second_person_in_any_environment(tmp_path, clock): 
     engine.approve(rid, "p", "bob")
     assert engine.advance(rid).status == "done"
 
+
+def _gate(destructive: bool, acted: list[str]) -> Any:
+    def step(ctx: Context) -> Outcome:
+        ctx.approve(f"DROP USER {ctx.target}_1", gate="drop", destructive=destructive)
+        acted.append(ctx.target)
+        return Done("dropped")
+    return step
+
+
+@pytest.mark.parametrize("env, destructive, holdable", [
+    ("production", True, True),  # 2nd line is told: held before its notice is recorded
+    ("production", False, False),  # no notice, nothing to hold: it may act at once
+    ("staging", True, False),  # no 2nd line notice there
+])
+def test_an_approved_gate_is_held_before_its_notice_only_where_2nd_line_is_told(
+    tmp_path, clock, env, destructive, holdable  # noqa: F811
+):
+    """A fleet app approved by Approve all, whose worker has not yet picked up the fleet
+    notice's link (notice_at None), is stopped by that notice's Hold."""
+    acted: list[str] = []
+    notices = Notices()
+    engine, _ = make(tmp_path, clock, {"drop": _gate(destructive, acted)}, notices=notices)
+    rid = engine.start("mysql", "signon", env, "alice").id
+    engine.advance(rid)
+    engine.approve(rid, "drop", "bob")
+    assert engine.store.rotation(rid).current.notice_at is None
+    if not holdable:
+        with pytest.raises(InvalidTransition, match="not in a hold period"):
+            engine.hold(rid, "drop", "erin")
+        assert engine.advance(rid).status == "done" and acted == ["signon"]
+        return
+    row = engine.hold(rid, "drop", "erin")
+    assert row.phase == "needs-approval" and row.current.decision is None
+    assert [(r.event, r.actor) for r in engine.store.audit_rows(rid)][-1] == ("held", "erin")
+    assert engine.advance(rid).phase == "needs-approval"
+    assert acted == [] and notices.posted == []
+
+
+class HeldWhileTold(Notices):
+    """2nd line holds while the notice is being recorded (another thread, in production)."""
+
+    engine: Engine
+
+    def notify(self, rotation: Any, step: Any, summary: str, approved_by: str) -> str:
+        self.engine.hold(rotation.id, step.name, "erin")
+        return super().notify(rotation, step, summary, approved_by)
+
+
+def test_a_hold_while_the_notice_is_recorded_stops_the_step_without_a_hold_period(
+    tmp_path, clock  # noqa: F811
+):
+    acted: list[str] = []
+    notices = HeldWhileTold()
+    kind = ScriptedKind({"drop": _gate(True, acted)})
+    no_hold_period = CATALOGUE.model_copy(update={"slack": SlackConfig(hold_seconds=0)})
+    engine = Engine(Store(tmp_path / "state.db", clock=clock), no_hold_period, {"mysql": kind},
+                    clients=None, second_line=notices, clock=clock)
+    notices.engine = engine
+    rid = engine.start("mysql", "signon", "production", "alice").id
+    engine.advance(rid)
+    engine.approve(rid, "drop", "bob")
+    row = engine.advance(rid)
+    assert row.phase == "needs-approval" and row.current.decision is None
+    assert row.current.notice_at is None and acted == []
+    events = [r.event for r in engine.store.audit_rows(rid)]
+    assert "held" in events and "second-line-notified" not in events
+
+
+def test_a_fleet_notices_hold_holds_each_app_it_names_and_says_which_it_could_not(
+    tmp_path, clock  # noqa: F811
+):
+    acted: list[str] = []
+    engine, _ = make(tmp_path, clock, {"drop": _gate(True, acted)}, notices=Notices())
+    fleet_id = engine.store.create_fleet("production", "alice", {}, [])
+    signon, whitehall = (engine.start("mysql", app, "production", "alice",
+                                      fleet_id=fleet_id).id for app in ("signon", "whitehall"))
+    for rid in (signon, whitehall):
+        engine.advance(rid)
+    engine.approve(signon, "drop", "bob")  # whitehall is not approved: nothing to stop
+    held, refused = fleets.hold_notice(engine, signon, "drop", "erin", also=[whitehall])
+    assert [r.id for r in held] == [signon] and held[0].phase == "needs-approval"
+    assert refused == [f"rotation #{whitehall} step drop is not in a hold period"]
+
+    # The notice's Hold could not carry the ids: it names the fleet, whose approved apps
+    # at the step are held.
+    for rid in (signon, whitehall):
+        engine.approve(rid, "drop", "bob")
+    held, refused = fleets.hold_notice(engine, signon, "drop", "erin", fleet_id=fleet_id)
+    assert sorted(r.id for r in held) == [signon, whitehall] and refused == []
+    assert all(engine.advance(rid).phase == "needs-approval" for rid in (signon, whitehall))
+    assert acted == []
 
 
 def test_the_migration_carries_open_requests_out_of_data(tmp_path, clock):  # noqa: F811

@@ -174,6 +174,26 @@ def _in_thread(bot: BotProcess, root: Message, rotation_id: int, action_id: str,
     return found
 
 
+def _approve_the_drop(bot: BotProcess, members: list[str]) -> tuple[int, Message]:
+    """A production fleet of `members`, confirmed by two and approved at both gates by
+    "Approve all"; its id and its table."""
+    (before,), = bot.rows("SELECT COALESCE(MAX(id), 0) FROM fleets")
+    bot.command(f"{','.join(members)} production", user="U0ALICE")
+    bot.wait_rows("SELECT COALESCE(MAX(id), 0) FROM fleets",
+                  until=lambda rows: rows[0][0] > before, what="the new fleet")
+    fleet_id = int(bot.rows("SELECT MAX(id) FROM fleets")[0][0])
+    bot.click(_button(_fleet_root(bot, fleet_id, "the plan"), "fleet_confirm"), user="U0ALICE")
+    bot.click(_button(_fleet_root(bot, fleet_id, "Confirm (second person)"), "fleet_confirm"),
+              user="U0BOB")
+    _waiting(bot, members, "switch")
+    bot.click(_button(_fleet_root(bot, fleet_id, f"Approve all {len(members)} switch"),
+                      "fleet_approve"), user="U0BOB")
+    _waiting(bot, members, "drop-old-user")
+    table = _fleet_root(bot, fleet_id, f"Approve all {len(members)} drop-old-user")
+    bot.click(_button(table, "fleet_approve"), user="U0BOB")
+    return fleet_id, table
+
+
 def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     """One notice covers one approval: the member whose drop failed and was retried is
     approved again in the thread, and 2nd line is told again, naming it, before it drops."""
@@ -181,20 +201,7 @@ def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     bot.control.mkdir(exist_ok=True)
     fail = bot.control / f"fail-drop-{second}"
     fail.write_text("")
-    (before,), = bot.rows("SELECT COALESCE(MAX(id), 0) FROM fleets")
-    bot.command(f"{first},{second} production", user="U0ALICE")
-    bot.wait_rows("SELECT COALESCE(MAX(id), 0) FROM fleets",
-                  until=lambda rows: rows[0][0] > before, what="the new fleet")
-    fleet_id = int(bot.rows("SELECT MAX(id) FROM fleets")[0][0])
-    bot.click(_button(_fleet_root(bot, fleet_id, "the plan"), "fleet_confirm"), user="U0ALICE")
-    bot.click(_button(_fleet_root(bot, fleet_id, "Confirm (second person)"), "fleet_confirm"),
-              user="U0BOB")
-    _waiting(bot, [first, second], "switch")
-    bot.click(_button(_fleet_root(bot, fleet_id, "Approve all 2 switch"), "fleet_approve"),
-              user="U0BOB")
-    _waiting(bot, [first, second], "drop-old-user")
-    table = _fleet_root(bot, fleet_id, "Approve all 2 drop-old-user")
-    bot.click(_button(table, "fleet_approve"), user="U0BOB")
+    fleet_id, table = _approve_the_drop(bot, [first, second])
     bot.wait_status(first, "production", "done")
     bot.wait_step(second, "production", "drop-old-user", "failed")
     rid = int(bot.rotation(second, "production")["id"])
@@ -220,3 +227,34 @@ def test_a_retried_fleet_member_needs_a_new_notice_of_its_own(bot, slack, apps):
     assert len(told) == 2 and len(approved) == 2, events
     assert approved[1] < told[1] < done  # the retry's approval, then its own notice, then drop
     assert rows[told[0]][2] != rows[told[1]][2]  # a different notice's link
+
+
+def test_hold_on_the_fleets_one_notice_holds_every_app_it_names(tmp_path, apps):
+    """2nd line sees one notice naming every app "Approve all" approved at the drop; its Hold
+    stops them all (before the hold period, or before an app picked up the notice's link),
+    and a click that finds nothing left to hold says so, app by app."""
+    members = [apps() for _ in range(3)]
+    with running_bot(tmp_path, hold=600) as bot:  # far longer than the test takes
+        fleet_id, _ = _approve_the_drop(bot, members)
+        notice = bot.wait_for(
+            lambda: [m for m in bot.slack.channel_messages("#govuk-2ndline")
+                     if f"fleet #{fleet_id}" in m.text and m.buttons()],
+            lambda found: len(found) == 1, what="the fleet's one 2nd line notice")[0]
+        assert all(app in notice.text for app in members)
+        hold = _button(notice, "hold")
+        bot.click(hold, user="U0ERIN")  # 2nd line, in neither list
+
+        for app in members:
+            bot.wait_step(app, "production", "drop-old-user", "needs-approval")
+            rid = bot.rotation(app, "production")["id"]
+            assert bot.rows("SELECT actor, to_status FROM audit WHERE rotation_id = ? AND "
+                            "event = 'held' AND step = 'drop-old-user'", rid) == [
+                ("U0ERIN", "needs-approval")]
+        assert bot.rows("SELECT COUNT(*) FROM audit WHERE step = 'drop-old-user' AND "
+                        "to_status = 'done'") == [(0,)]
+
+        bot.click(hold, user="U0ERIN")  # again: every app is held already
+        again = bot.wait_reply("Could not hold")
+        assert "Held `drop-old-user` for 0 of 3 apps (none)" in again
+        assert all(f"rotation #{bot.rotation(app, 'production')['id']} step drop-old-user"
+                   in again for app in members)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from handlers import messages, reminder_messages
+from handlers import BadRequest, actions, messages, reminder_messages
 from rotation import redact
 from rotation.store import RotationRow, StepRow
 
@@ -50,6 +50,32 @@ def test_a_guided_step_gets_one_done_button():
                                              "anyone", True)
     assert [b["text"]["text"] for b in buttons(blocks)] == ["Done"]
     assert "needs a person" in text and "four-eyes" not in str(blocks)
+
+
+def test_a_fleet_notices_hold_carries_the_apps_it_names_or_else_its_fleet():
+    gate = step(gate="drop")
+    member = replace(rotation(gate), fleet_id=3)
+
+    def hold(also: list[int]) -> dict[str, Any]:
+        _, blocks = messages.second_line_notice(member, gate, "DROP USER", "U0BOB", None, None,
+                                                also=also)
+        (button,) = buttons(blocks)
+        assert len(button["value"]) <= messages.BUTTON_VALUE_CHARS
+        return dict(json.loads(button["value"]))
+
+    assert hold([]) == {"rotation": 7, "step": "drop-old-user"}  # a single rotation's
+    assert hold([8, 9]) == {"rotation": 7, "step": "drop-old-user", "also": [8, 9]}
+    assert hold(list(range(10_000, 10_400))) == {"rotation": 7, "step": "drop-old-user",
+                                                 "fleet": 3}
+
+
+@pytest.mark.parametrize("value", [
+    '{"rotation":7,"step":"drop","also":["8"]}', '{"rotation":7,"step":"drop","also":[true]}',
+    '{"rotation":7,"step":"drop","also":8}', '{"rotation":7,"step":"drop","fleet":"3"}',
+])
+def test_a_hold_naming_other_rotations_by_anything_but_ids_is_refused(value):
+    with pytest.raises(BadRequest):
+        actions.parse_hold({"value": value})
 
 
 def test_every_builder_output_is_redacted():
