@@ -50,6 +50,7 @@ log = logging.getLogger("rotor.engine")
 
 LEASE_SECONDS = timeouts.LEASE_SECONDS
 SLOT_RETRY = 0.5  # seconds before a rotation that found its host or account full is tried again
+HOLD_ATTEMPTS = 5  # a hold that loses its compare-and-set reads again this often
 SYSTEM = "rotor"
 GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
 NOTICE_WAIT = "the 2nd line notice to be posted"
@@ -746,33 +747,35 @@ class Engine:
         a fleet's apps are named in one notice, and an app whose worker has not yet picked up
         the notice's link cannot have acted (it acts only after the notice and hold period).
         """
-        rotation = self._active(rotation_id)
-        step = rotation.step(step_name)
-        in_hold_period = step.hold_until is not None and step.hold_until > self.clock()
-        before_notice = (step.notice_at is None and bool(step.gate_destructive)
-                         and self.catalogue.notify_second_line(rotation.env))
-        if not (step.approved and (in_hold_period or before_notice)):
-            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} is not in a hold "
-                                    "period")
-        with self.store.transaction():
-            # Compare-and-set on the approval and its notice: a notice recorded since this
-            # read may have let the step act (no hold period), so this hold loses then.
-            won = self.store.update_step(
-                rotation.id, step.position,
-                expect={"decided_at": step.decided_at, "notice_at": step.notice_at},
-                status="needs-approval", decision=None, decided_by=None, decided_at=None,
-                notice_at=None, notice_ref=None, hold_until=None,
-                gate_requested_at=self.clock(), wait_reason=None, next_check_at=None)
+        for _ in range(HOLD_ATTEMPTS):
+            rotation = self._active(rotation_id)
+            step = rotation.step(step_name)
+            in_hold_period = step.hold_until is not None and step.hold_until > self.clock()
+            before_notice = (step.notice_at is None and bool(step.gate_destructive)
+                             and self.catalogue.notify_second_line(rotation.env))
+            if not (step.approved and (in_hold_period or before_notice)):
+                raise InvalidTransition(f"rotation #{rotation.id} step {step.name} is not in a "
+                                        "hold period")
+            with self.store.transaction():
+                # Compare-and-set on the approval and its notice: a notice recorded since this
+                # read may have let the step act (no hold period); read again and decide anew
+                # (recording the notice starts a hold period, which can still be held).
+                won = self.store.update_step(
+                    rotation.id, step.position,
+                    expect={"decided_at": step.decided_at, "notice_at": step.notice_at},
+                    status="needs-approval", decision=None, decided_by=None, decided_at=None,
+                    notice_at=None, notice_ref=None, hold_until=None,
+                    gate_requested_at=self.clock(), wait_reason=None, next_check_at=None)
+                if won:
+                    self.store.update_rotation(rotation.id, next_run_at=None)
+                    self.store.audit(rotation.id, "held", actor, step=step.name,
+                                     from_status=step.status, to_status="needs-approval",
+                                     detail=f"held by {actor}")
             if won:
-                self.store.update_rotation(rotation.id, next_run_at=None)
-                self.store.audit(rotation.id, "held", actor, step=step.name,
-                                 from_status=step.status, to_status="needs-approval",
-                                 detail=f"held by {actor}")
-        if not won:
-            raise InvalidTransition(f"rotation #{rotation.id} step {step.name} moved on while "
-                                    "it was being held")
-        self.on_change(rotation.id)
-        return self.store.rotation(rotation.id)
+                self.on_change(rotation.id)
+                return self.store.rotation(rotation.id)
+        raise InvalidTransition(f"rotation #{rotation_id} step {step_name} kept moving on while "
+                                "it was being held")
 
     def expire_approvals(self, older_than: float) -> list[RotationRow]:
         """Pause (not fail) rotations whose approval request waited too long."""

@@ -181,6 +181,36 @@ def test_a_hold_while_the_notice_is_recorded_stops_the_step_without_a_hold_perio
     assert "held" in events and "second-line-notified" not in events
 
 
+def test_a_hold_that_read_the_step_before_its_notice_was_recorded_still_holds(
+    tmp_path, clock  # noqa: F811
+):
+    """The fleet's notice is in Slack before each app's worker records it: a Hold clicked then
+    reads the step without its notice, loses the compare-and-set to the worker, and reads
+    again: the step is in its hold period now, so it is held."""
+    acted: list[str] = []
+    engine, _ = make(tmp_path, clock, {"drop": _gate(True, acted)}, notices=Notices())
+    rid = engine.start("mysql", "signon", "production", "alice").id
+    engine.advance(rid)
+    engine.approve(rid, "drop", "bob")
+    reads = 0
+    read = engine._active
+
+    def stale_then_fresh(rotation_id: int) -> Any:
+        nonlocal reads
+        reads += 1
+        row = read(rotation_id)
+        if reads == 1:  # the worker records the notice after the hold's read
+            assert row.current.notice_at is None
+            assert engine.advance(rotation_id).current.hold_until is not None
+        return row
+
+    engine._active = stale_then_fresh  # type: ignore[method-assign]
+    row = engine.hold(rid, "drop", "erin")
+    assert reads == 2 and row.phase == "needs-approval" and row.current.decision is None
+    engine._active = read  # type: ignore[method-assign]
+    assert engine.advance(rid).phase == "needs-approval" and acted == []
+
+
 def test_a_fleet_notices_hold_holds_each_app_it_names_and_says_which_it_could_not(
     tmp_path, clock  # noqa: F811
 ):
