@@ -129,7 +129,7 @@ def refresh(rep: Reporter) -> None:
     now = rep.store.clock()
     for fleet in rep.store.fleets(RECENT_FLEETS):
         where = _where(fleet)
-        if fleet.status != fleets.STARTED or where is None:
+        if fleet.status not in (fleets.STARTING, fleets.STARTED) or where is None:
             continue
         key = f"slack:fleet:{fleet.id}"
         raw = rep.store.get_kv(key)

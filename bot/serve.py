@@ -386,10 +386,19 @@ class Service:
                                    id="reporter-sweep")
         self.scheduler.add_job(self._prune_request_locks, "interval", hours=1,
                                id="prune-request-locks")
+        # A fleet whose starter died part way starts the rest (now, then every minute).
+        self.scheduler.add_job(self._resume_fleet_starts, "interval", seconds=60,
+                               id="fleet-starts", next_run_time=datetime.now(UTC))
         from bot import reminders  # key-age checks and daily approval nudges (issue 5)
 
         reminders.schedule(self.scheduler, self.engine, self.client, self.settings.catalogue,
                            self.engine.clock)
+
+    def _resume_fleet_starts(self) -> None:
+        from rotation import fleet as fleets
+
+        for fleet_id in fleets.resume_starts(self.engine):
+            log.info("serve: fleet #%s: started the apps its starter had not", fleet_id)
 
     def _prune_request_locks(self) -> None:
         """Forget the locks that kept Slack's re-sent requests from running twice."""

@@ -34,6 +34,9 @@ def person(actor: str | None) -> str:
     return policy_person(actor)
 
 PLANNED, CONFIRMING, STARTED, CANCELLED = "planned", "confirming", "started", "cancelled"
+STARTING = "starting"  # confirmed; its rotations are being created (resume_starts ends it)
+START_LOCK_SECONDS = 300.0  # a starter creates 50 rotations in about a second
+SYSTEM = "rotor"
 
 
 class FleetRefused(RotorError):
@@ -149,21 +152,70 @@ def cancel(engine: Engine, fleet_id: int, actor: str) -> FleetRow:
 
 def _start(engine: Engine, fleet: FleetRow, from_status: str, actor: str) -> FleetRow:
     """Start one rotation per planned app. The compare-and-set comes first, so a double
-    click or two people confirming at once start the fleet once."""
+    click or two people confirming at once start the fleet once. The fleet is "starting"
+    until every app's rotation exists: a starter that dies part way is taken over by
+    `resume_starts`."""
     store = engine.store
-    if not store.move_fleet(fleet.id, from_status, STARTED, actor, confirmed=True):
+    owner = engine.worker_id
+    if not store.move_fleet(fleet.id, from_status, STARTING, actor, confirmed=True):
         raise RotationConflict(f"fleet #{fleet.id} was confirmed already")
+    if not store.try_lock(_start_lock(fleet.id), owner, store.clock() + START_LOCK_SECONDS):
+        return store.fleet(fleet.id)  # a resume took it in between: it starts the apps
+    try:
+        return _start_members(engine, store.fleet(fleet.id), actor)
+    finally:
+        store.try_lock(_start_lock(fleet.id), owner, store.clock())  # release
+
+
+def resume_starts(engine: Engine) -> list[int]:
+    """Finish starting the fleets whose starter died part way (a crash, a redeploy): the
+    apps whose rotation does not exist yet are started now. Safe beside a live starter: it
+    holds the fleet's start lock, and the database lets one active rotation per app be."""
+    store = engine.store
+    resumed = []
+    for fleet_id in store.fleet_ids(STARTING):
+        owner = engine.worker_id
+        if not store.try_lock(_start_lock(fleet_id), owner,
+                              store.clock() + START_LOCK_SECONDS):
+            continue  # its starter is alive and still at it
+        try:
+            fleet = store.fleet(fleet_id)
+            if fleet.status == STARTING:
+                log.warning("fleet: #%s was not fully started; starting the rest", fleet_id)
+                _start_members(engine, fleet, fleet.confirmed_by or SYSTEM)
+                resumed.append(fleet_id)
+        finally:
+            store.try_lock(_start_lock(fleet_id), owner, store.clock())
+    return resumed
+
+
+def _start_lock(fleet_id: int) -> str:
+    return f"fleet-start:{fleet_id}"
+
+
+def _start_members(engine: Engine, fleet: FleetRow, actor: str) -> FleetRow:
+    """Start each planned app's rotation that does not exist yet (idempotent), then mark the
+    fleet started with each app's rotation in its plan."""
+    store = engine.store
+    ours = {r.target: r.id for r in store.fleet_rotations(fleet.id)}
     lines = [dict(p) for p in fleet.plan]
     for line in lines:
-        if line.get("skip"):
+        if line.get("skip") or line["app"] in ours:
             continue
         try:
-            rotation = engine.start(line["kind"], line["app"], fleet.env, fleet.initiator,
-                                    fleet.params, fleet_id=fleet.id)
-            line["rotation"] = rotation.id
-        except RotationConflict as exc:  # started by someone else since the plan was shown
-            line["skip"] = str(exc)
-    store.move_fleet(fleet.id, STARTED, STARTED, actor, plan=lines)
+            ours[line["app"]] = engine.start(line["kind"], line["app"], fleet.env,
+                                             fleet.initiator, fleet.params,
+                                             fleet_id=fleet.id).id
+        except RotationConflict as exc:
+            mine = [r.id for r in store.fleet_rotations(fleet.id) if r.target == line["app"]]
+            if mine:  # another starter of this fleet got there first
+                ours[line["app"]] = mine[0]
+            else:  # started by someone else since the plan was shown
+                line["skip"] = str(exc)
+    for line in lines:
+        if not line.get("skip"):
+            line["rotation"] = ours[line["app"]]
+    store.move_fleet(fleet.id, STARTING, STARTED, actor, plan=lines)
     log.info("fleet: #%s started %s rotations in %s", fleet.id,
              sum(1 for p in lines if "rotation" in p), fleet.env)
     return store.fleet(fleet.id)

@@ -762,6 +762,10 @@ class Store:
         return [self.fleet(i) for i in
                 self._ids("SELECT id FROM fleets ORDER BY id DESC LIMIT ?", [limit])]
 
+    def fleet_ids(self, status: str) -> list[int]:
+        """The fleets in `status`, oldest first."""
+        return self._ids("SELECT id FROM fleets WHERE status = ? ORDER BY id", [status])
+
     def fleet_rotations(self, fleet_id: int) -> list[RotationRow]:
         return [self.rotation(i) for i in
                 self._ids("SELECT id FROM rotations WHERE fleet_id = ? ORDER BY id", [fleet_id])]
