@@ -77,6 +77,16 @@ def _rotation(world: World) -> tuple[int, str] | None:
     return (int(row[0]), str(row[1])) if row else None
 
 
+def _last_step(world: World, rotation_id: int) -> str:
+    conn = sqlite3.connect(f"file:{world.workdir / 'rotor.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute("SELECT name FROM steps WHERE rotation_id = ? "
+                           "ORDER BY position DESC LIMIT 1", [rotation_id]).fetchone()
+    finally:
+        conn.close()
+    return str(row[0])
+
+
 def _root(world: World, rotation_id: int) -> Message | None:
     return next((m for m in world.slack.roots()
                  if (m.metadata or {}).get("event_payload", {}).get("rotation") == rotation_id),
@@ -129,10 +139,12 @@ def once(world: World, timeout: float = 300, out: Any = None) -> int:
             world.click("approve", button["value"], person, root.channel, root.ts)
             pressed.add(button["value"])
         time.sleep(0.3)
-    if result == "done":  # the checklist's final update comes after the last thread replies
+    if result == "done":  # the reporter posts the last reply and the final update after it
+        last = f"`{_last_step(world, rotation_id)}` done"
         try:
-            _wait("the root message to show the rotation done",
-                  lambda: "✔ done" in as_text(root), 30)
+            _wait("the root message to show the rotation done, and the last step's reply",
+                  lambda: "✔ done" in as_text(root) and any(
+                      last in as_text(m) for m in world.slack.thread(root)), 30)
         except TimeoutError:
             pass  # shown as it is: the checks below still judge the rotation itself
     say("")
