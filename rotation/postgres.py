@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from rotation import appcreds, postgres_db, postgres_grants, postgres_rights
+from rotation import appcreds, postgres_db, postgres_grants, postgres_rights, readcache
 from rotation import secrets as sm_secrets
 from rotation.catalogue import Catalogue, Environment
 from rotation.engine import Context, Done, Outcome, Skipped, Step, Wait
@@ -79,14 +79,15 @@ def _endpoint(ctx: Context, user: str, password: str, env: str) -> postgres_db.E
 
 @contextmanager
 def admin(ctx: Context, env: str | None = None) -> Iterator[postgres_db.Connection]:
-    """A connection as the environment's RDS admin user (`aws_db_admin`) to the app's database."""
+    """A connection as the environment's RDS admin user (`aws_db_admin`) to the app's database,
+    one for the whole advance (as for MySQL)."""
     env = _env(ctx, env)
     t = appcreds.target(ctx, env)
-    conn = postgres_db.connect(_endpoint(ctx, t.admin_user, appcreds.admin_password(ctx, env), env))
-    try:
+    endpoint = _endpoint(ctx, t.admin_user, appcreds.admin_password(ctx, env), env)
+    key = ("postgres-admin", endpoint.host, endpoint.port, endpoint.database, endpoint.user,
+           endpoint.password)
+    with readcache.connection(key, lambda: postgres_db.connect(endpoint)) as conn:
         yield conn
-    finally:
-        conn.close()
 
 
 def _plural(n: int, word: str) -> str:

@@ -199,6 +199,33 @@ def test_a_full_rotation_converts_then_moves_the_app_to_a_new_user(world, caplog
         assert password not in logs
 
 
+def test_each_advance_logs_in_as_the_admin_once(world, monkeypatch):
+    """One admin connection per advance (readcache.connection), not one a step: preflight,
+    convert and create-user run in one advance, on one login."""
+    connect = pg.connect
+    logins: list[int] = []
+
+    def counted(ep: pg.Endpoint, **kwargs: Any) -> Any:
+        if ep.user == world.box.admin_user:
+            logins[-1] += 1
+        return connect(ep, **kwargs)
+
+    monkeypatch.setattr(pg, "connect", counted)
+    engine = engine_for(world)
+    advance = engine.advance
+
+    def one_advance(rotation_id: int) -> RotationRow:
+        logins.append(0)
+        return advance(rotation_id)
+
+    monkeypatch.setattr(engine, "advance", one_advance)
+    rotation = engine.start("postgres", world.app, "staging", "alice")
+    final = drive(engine, rotation.id)
+    assert final.status == "done", statuses(final)
+    admin_steps = {"preflight", "convert", "create-user", "drain", "retire"}
+    assert max(logins) == 1 and sum(logins) < len(admin_steps), logins
+
+
 def test_objects_the_old_user_makes_after_the_conversion_go_to_the_owner_role(world):
     box = world.box
     execute(world, box.app_user, box.app_password, APP_SCHEMA)
