@@ -1,7 +1,8 @@
 """A fleet rotated at once: 1, 20 and 50 MySQL apps through the real pool of workers.
 
-    python benchmarks/fleet.py            # the time runs, the hung-database run, SM calls
-    python benchmarks/fleet.py 1 20       # only these fleet sizes
+    python benchmarks/fleet.py               # the time runs, the hung-database run, SM calls
+    python benchmarks/fleet.py 1 20          # only these fleet sizes
+    python benchmarks/fleet.py --rollout 30  # each Deployment takes 30 s to roll out
 
 Each app has its own sandbox user and database on the local MariaDB, its own secret in moto,
 its own ExternalSecret and Deployment in the fake Kubernetes API; approvals are granted the
@@ -10,10 +11,16 @@ moment they open (by another person, as staging needs none). The rotations run o
 `rotor serve`. All apps share one MariaDB, so the time runs lift ROTOR_PER_HOST to the fleet
 size (a real fleet has an instance per app); one run keeps the default of 2 to show what the
 limit costs. Prints figures; asserts nothing.
+
+By default every fake answers at once, so a rotation is all CPU (the engine, moto and the
+fake Kubernetes API share this one interpreter) and the fleet's time measures overhead.
+`--rollout S` makes each Deployment take S seconds to roll out and re-checks waits on the
+catalogue's default backoff, as in production, where a rotation is mostly waiting.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -35,6 +42,7 @@ from bot.settings import Settings
 from bot.wiring import build_engine
 from bot.worker import EnginePool
 from rotation import readcache
+from rotation.catalogue import Waits
 from rotation.engine import Engine
 from rotation.errors import InvalidTransition
 from tests import servers
@@ -53,6 +61,13 @@ class Fleet:
         self.world = world
         self.apps: list[str] = [world.app]
         self.boxes: list[Any] = []
+
+    def slow_rollouts(self, seconds: float) -> None:
+        """Every Deployment takes `seconds` to roll out; waits re-check on the defaults."""
+        for app in self.apps:
+            self.world.kube.configure_deployment("apps", app, rollout_delay=seconds)
+        self.world.waits.update(first_check=Waits().first_check, max_check=Waits().max_check,
+                                rollout=max(Waits().rollout, 4 * seconds))
 
     def add(self, hung_port: int | None = None) -> str:
         """One more app; with `hung_port`, its secret names a host that never answers."""
@@ -76,6 +91,7 @@ class Fleet:
         return app
 
     def write_config(self) -> None:
+        self.world.write_config()  # the rig's own, with its waits
         config = json.loads(self.world.config_path.read_text())
         template = config["apps"][self.world.app]
         for app, box in zip(self.apps[1:], self.boxes, strict=True):
@@ -91,7 +107,8 @@ class Fleet:
 
 
 @contextmanager
-def fleet(n: int, tmp: Path, *, hung: bool = False) -> Iterator[tuple[Fleet, str | None]]:
+def fleet(n: int, tmp: Path, *, hung: bool = False,
+          rollout: float = 0.0) -> Iterator[tuple[Fleet, str | None]]:
     with rig("mysql", tmp) as world, SilentServer() as silent:
         apps = Fleet(world)
         hung_app = None
@@ -100,6 +117,8 @@ def fleet(n: int, tmp: Path, *, hung: bool = False) -> Iterator[tuple[Fleet, str
                 apps.add()
             if hung:
                 hung_app = apps.add(hung_port=silent.port)
+            if rollout:
+                apps.slow_rollouts(rollout)
             apps.write_config()
             os.environ.update({k: v for k, v in world.env().items()
                                if k.startswith(("AWS_", "ROTOR_", "KUBECONFIG"))})
@@ -210,11 +229,18 @@ def secrets_calls(tmp: Path) -> None:
 
 def main() -> None:
     os.environ.update(AWS_ENV)
-    sizes = tuple(int(a) for a in sys.argv[1:]) or SIZES
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sizes", nargs="*", type=int, default=SIZES)
+    parser.add_argument("--rollout", type=float, default=0.0, metavar="SECONDS",
+                        help="each Deployment's rollout takes this long (default: at once)")
+    args = parser.parse_args()
+    sizes, rollout = tuple(args.sizes), args.rollout
     workers = int(os.environ.get("ROTOR_WORKERS") or 4)
+    print(f"Rollouts: {f'{rollout:g} s each, waits on the default backoff' if rollout else 'at once'}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        secrets_calls(tmp)
+        if not rollout:
+            secrets_calls(tmp)
         one = None
         totals: dict[int, float] = {}
         for n in sizes:
@@ -222,7 +248,7 @@ def main() -> None:
             results = []
             for _ in range(runs):
                 with tempfile.TemporaryDirectory(dir=tmp) as where, \
-                        fleet(n, Path(where)) as (f, _):
+                        fleet(n, Path(where), rollout=rollout) as (f, _):
                     results.append(run(f.apps, workers=workers, per_host=n))
             results.sort(key=lambda r: _total(r[0]))
             ended, status = results[len(results) // 2]
@@ -236,7 +262,7 @@ def main() -> None:
         big = max(sizes)
         if big > 1:
             with tempfile.TemporaryDirectory(dir=tmp) as where, \
-                    fleet(big - 1, Path(where), hung=True) as (f, hung_app):
+                    fleet(big - 1, Path(where), hung=True, rollout=rollout) as (f, hung_app):
                 ended, status = run(f.apps, workers=workers, per_host=big, skip=hung_app)
             others = _total(ended, skip=hung_app)
             base = totals.get(big)
@@ -244,7 +270,8 @@ def main() -> None:
             print(f"{big - 1} apps + 1 hung database, {workers} workers: the others in "
                   f"{others:6.2f} s{against}; hung app {status.get(hung_app or '', 'still hung')}")
             mid = min((n for n in sizes if n > 1), default=big)
-            with tempfile.TemporaryDirectory(dir=tmp) as where, fleet(mid, Path(where)) as (f, _):
+            with tempfile.TemporaryDirectory(dir=tmp) as where, \
+                    fleet(mid, Path(where), rollout=rollout) as (f, _):
                 ended, status = run(f.apps, workers=workers, per_host=2)
             print(f"{mid:3} apps on one host, ROTOR_PER_HOST=2 (the default): total "
                   f"{_total(ended):6.2f} s")
