@@ -83,6 +83,25 @@ def test_a_post_whose_answer_was_lost_is_found_not_posted_again(bot, slack, apps
     bot.wait_log("was posted before; not posting again")
 
 
+def test_a_cli_fleets_table_whose_answer_was_lost_is_found_not_posted_again(bot, slack, apps):
+    """A fleet started from the CLI gets its one table from rotor serve's reporter; when the
+    post's answer is lost, the next attempt finds it in the channel's history."""
+    start(bot, apps())  # the channel's ID is known from here on
+    members = [apps(), apps()]
+    slack.lose_responses(1)  # the fleet's table reaches Slack, its answer does not
+    cli = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "rotate", *members, "staging"],
+        input="y\nn\n",  # rotate these apps: yes; approve the first gate here: no
+        env=bot.env(**operator_env("alice")), capture_output=True, text=True, timeout=120,
+        cwd=bot.workdir)
+    assert cli.returncode == 3, cli.stdout + cli.stderr  # the rest waits for a person
+    (fleet_id,), = bot.rows("SELECT MAX(id) FROM fleets")
+    bot.wait_log(f"fleet #{fleet_id} root message was posted before; not posting again")
+    tables = [m for m in slack.roots() if f"fleet #{fleet_id}" in m.text]
+    assert len(tables) == 1, [m.text for m in tables]
+    assert slack.calls_to("conversations.history")
+
+
 def test_a_restart_repeats_nothing_and_delivers_what_happened_while_down(tmp_path):
     with FakeSlack(groups=dict(GROUPS)) as slack:
         first = BotProcess(tmp_path, slack).start()
