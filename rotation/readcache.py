@@ -7,7 +7,10 @@ fence's botocore hook) and every write in `rotation.secrets` empties the cache.
 
 Safety rule 7 stands: what a destructive action relies on is read from the world right
 before it acts. `Context.act` and a kind's cancel run their reads inside `fresh()`, where
-nothing is served from the cache (and nothing read there is kept either). The admin
+nothing is served from the advance's cache: a fresh block reads the world anew and shares
+its reads only within itself (one look at the world, a few milliseconds long, of which the
+facts are made), and forgets them when it ends. `Context.act`'s read before the gate and
+its read after it are two blocks, so the second reads the world again. The admin
 connection of each database is kept for the advance too (`connection`): it caches no data,
 every query on it reads the world.
 """
@@ -26,7 +29,7 @@ P = ParamSpec("P")
 _cache: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_read_cache", default=None)
 _connections: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_connections",
                                                                   default=None)
-_fresh: ContextVar[bool] = ContextVar("rotor_read_fresh", default=False)
+_fresh: ContextVar[dict[Hashable, Any] | None] = ContextVar("rotor_read_fresh", default=None)
 
 
 @contextmanager
@@ -77,9 +80,13 @@ def _close(conn: Any) -> None:
 
 
 @contextmanager
-def fresh() -> Iterator[None]:
-    """Read from the world for the block: the facts of a destructive step, a cancel."""
-    reset = _fresh.set(True)
+def fresh(*, join: bool = False) -> Iterator[None]:
+    """Read from the world for the block: the facts of a destructive step, a cancel. With
+    `join`, a block inside another fresh block shares that block's reads."""
+    if join and _fresh.get() is not None:
+        yield
+        return
+    reset = _fresh.set({})
     try:
         yield
     finally:
@@ -87,25 +94,27 @@ def fresh() -> Iterator[None]:
 
 
 def from_the_world(read: Callable[P, T]) -> Callable[P, T]:
-    """Mark a function that reads a destructive action's facts: it never uses the cache,
-    whoever calls it (`Context.act` or a step directly)."""
+    """Mark a function that reads a destructive action's facts: it never uses the advance's
+    cache, whoever calls it (`Context.act` or a step directly); inside a fresh block it is
+    part of that block's one look at the world."""
     @functools.wraps(read)
     def fresh_read(*args: P.args, **kwargs: P.kwargs) -> T:
-        with fresh():
+        with fresh(join=True):
             return read(*args, **kwargs)
     return fresh_read
 
 
 def serving() -> bool:
-    """Whether a read now may come from the cache."""
-    return _cache.get() is not None and not _fresh.get()
+    """Whether a read now may come from the advance's cache."""
+    return _cache.get() is not None and _fresh.get() is None
 
 
 def read(key: Hashable, load: Callable[[], T], copy: Callable[[T], T] = lambda v: v) -> T:
-    """`load()` once per advance for `key`; callers get `copy(value)` so they cannot change
-    what the next caller is served."""
-    cache = _cache.get()
-    if cache is None or _fresh.get():
+    """`load()` once per advance for `key` (once per fresh block inside one); callers get
+    `copy(value)` so they cannot change what the next caller is served."""
+    scope = _fresh.get()
+    cache = scope if scope is not None else _cache.get()
+    if cache is None:
         return load()
     if key not in cache:
         try:
@@ -131,6 +140,6 @@ class _Failed:
 
 def invalidate() -> None:
     """Rotor wrote something: what was read before may be stale now."""
-    cache = _cache.get()
-    if cache is not None:
-        cache.clear()
+    for cache in (_cache.get(), _fresh.get()):
+        if cache is not None:
+            cache.clear()

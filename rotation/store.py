@@ -152,8 +152,8 @@ class FleetRow:
     """A fleet: several apps rotated together after one plan and one confirmation.
 
     `status` is the fleet's own: planned (shown, not yet confirmed), confirming (confirmed by
-    its starter, waiting for a second person: four-eyes), started (its rotations exist) or
-    cancelled. Once started, what it is doing comes from its rotations (rotation.fleet)."""
+    its starter, waiting for a second person: four-eyes), starting (confirmed; its rotations
+    are being created), started (its rotations exist) or cancelled. Once started, what it is doing comes from its rotations (rotation.fleet)."""
 
     id: int
     env: str

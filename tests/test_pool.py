@@ -336,6 +336,45 @@ def test_a_destructive_steps_re_read_never_comes_from_the_cache(tmp_path):
     # Read before the gate; then, once approved, again before and after it.
 
 
+def test_one_look_at_the_world_reads_each_secret_once_and_the_next_look_again(tmp_path):
+    """The facts `Context.act` reads are one look at the world: the same secret read twice
+    inside it (a precondition and what the action names) is one call; its read after the
+    gate is another look, and a write inside a look empties it."""
+    sm = FakeSecrets({"username": "old", "password": "pw-1"})
+    looks: list[tuple[str, str, int]] = []
+
+    @readcache.from_the_world
+    def named(ctx: Context) -> str:
+        return _user(ctx)
+
+    def drop(ctx: Context) -> Outcome:
+        _user(ctx)  # kept for this advance
+
+        def read() -> Facts:
+            before = sm.reads
+            looks.append((named(ctx), _user(ctx), sm.reads - before))
+            return Facts({"user": looks[-1][0]})
+
+        ctx.act("drop", read, lambda f: f"drop {f.seen['user']}")
+        return Done("dropped")
+
+    engine = _secret_engine(tmp_path, {"drop": drop}, sm, {"drop"})
+    rotation = engine.start("mysql", "app0", "staging", "U1")
+    engine.advance(rotation.id)
+    engine.approve(rotation.id, "drop", "U2")
+    assert engine.advance(rotation.id).status == "done"
+    assert looks == [("old", "old", 1)] * 3  # before the gate; then before and after it
+
+    def user() -> Any:
+        return (sm_secrets.read_json(sm, "govuk/app0/mysql") or {}).get("username")
+
+    with readcache.per_advance(), readcache.fresh():
+        first = sm.reads
+        assert user() == user() == "old" and sm.reads == first + 1
+        sm_secrets.put_current(sm, "govuk/app0/mysql", {"username": "new", "password": "p"})
+        assert user() == "new" and sm.reads == first + 2
+
+
 def test_a_kinds_db_host_names_the_instance_from_the_secret():
     from rotation import appcreds
 
