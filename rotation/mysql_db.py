@@ -161,12 +161,23 @@ class FencedConnection(Connection):
         fence.guard_sql(sql)
         return int(super().query(sql, unbuffered))
 
+    def connect(self, sock: Any = None) -> None:
+        """The whole login (TCP, the server's greeting, authentication, the session's
+        settings) within connect_timeout: pymysql reads the greeting on read_timeout, so a
+        host that accepts and never greets held a worker for the statement bound."""
+        read, write = self._read_timeout, self._write_timeout  # type: ignore[has-type]
+        self._read_timeout = self._write_timeout = self.connect_timeout
+        try:
+            super().connect(sock)
+        finally:
+            self._read_timeout, self._write_timeout = read, write
+
 
 def connect(ep: Endpoint, *, timeout: float | None = None) -> Connection:
     """Log in to `ep` with autocommit on and TLS settled explicitly (never "preferred").
 
-    Every socket operation is bounded: connect_timeout covers only the TCP connect, so the
-    read and write timeouts bound the handshake and every statement after it."""
+    Every socket operation is bounded: connect_timeout the whole login (FencedConnection),
+    the read and write timeouts every statement after it."""
     bounds = timeouts.BOUNDS
     tls: dict[str, Any]
     if ep.tls == "disabled":

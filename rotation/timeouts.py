@@ -44,7 +44,8 @@ class Bounds:
     slack_max_retry_after: float = 5.0  # a longer Retry-After fails the call instead
 
     def mysql_call(self) -> float:
-        """Connect (TCP, then the handshake is read), or send one statement and read back."""
+        """Log in (each socket call of the login within db_connect), or send one statement
+        and read back its answer."""
         return max(self.db_connect + self.db_read, self.db_write + self.db_read)
 
     def postgres_call(self) -> float:

@@ -86,6 +86,17 @@ def test_a_postgres_statement_ends_at_statement_timeout(small_bounds, postgres_b
                       lambda: conn.execute("SELECT pg_sleep(60)"), psycopg.errors.QueryCanceled)
 
 
+def test_a_mysql_host_that_accepts_and_never_greets_fails_within_the_connect_bound(
+    monkeypatch, silent
+):
+    """The login is bounded by db_connect, not by the statements' longer db_read."""
+    bounds = timeouts.Bounds(db_connect=1, db_read=60, db_write=60)
+    monkeypatch.setattr(timeouts, "BOUNDS", bounds)
+    ep = mysql_db.Endpoint(host="127.0.0.1", port=silent.port, user="u", password="p",
+                           tls="disabled")
+    _fails_within(bounds.db_connect, lambda: mysql_db.connect(ep), DatabaseError)
+
+
 def test_a_mysql_statement_ends_at_its_read_timeout(small_bounds, mysql_box):
     ep = mysql_db.Endpoint(host=mysql_box.host, port=mysql_box.port, user=mysql_box.admin_user,
                            password=mysql_box.admin_password, tls="disabled")
