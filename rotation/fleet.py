@@ -17,7 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rotation.errors import NotAllowed, RotationConflict, RotorError, UnknownName
+from rotation.errors import (
+    ConfigError,
+    NotAllowed,
+    RotationConflict,
+    RotorError,
+    UnknownName,
+)
 from rotation.store import ACTIVE, DONE, FleetRow, RotationRow
 
 if TYPE_CHECKING:  # `rotor status` reads fleets without loading the catalogue (pydantic)
@@ -212,6 +218,8 @@ def _start_members(engine: Engine, fleet: FleetRow, actor: str) -> FleetRow:
                 ours[line["app"]] = mine[0]
             else:  # started by someone else since the plan was shown
                 line["skip"] = str(exc)
+        except (UnknownName, ConfigError, NotAllowed) as exc:  # the catalogue changed since
+            line["skip"] = str(exc)  # the plan: this app cannot start; the others do
     for line in lines:
         if not line.get("skip"):
             line["rotation"] = ours[line["app"]]

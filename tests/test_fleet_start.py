@@ -99,3 +99,21 @@ def test_an_app_started_by_someone_else_meanwhile_is_skipped_with_the_reason(
     assert "rotation" in lines["signon"] and "rotation" not in lines["whitehall"]
     assert lines["whitehall"]["skip"] == (f"whitehall in staging already has an active rotation "
                                           f"(#{loner.id}, started by U0BOB)")
+
+
+def test_an_app_gone_from_the_catalogue_since_the_plan_is_skipped_and_the_fleet_starts(
+    tmp_path, clock  # noqa: F811
+):
+    """A resume after a redeploy whose catalogue no longer has an app: the others start and
+    the fleet is started, instead of staying "starting" and failing every minute."""
+    engine, _ = make(tmp_path, clock, {"a": done})
+    plan = [*PLAN, {"app": "retired-app", "kind": "mysql"}]
+    fleet_id = engine.store.create_fleet("staging", ALICE, {}, plan)
+    assert engine.store.move_fleet(fleet_id, fleets.PLANNED, fleets.STARTING, ALICE,
+                                   confirmed=True)
+    assert fleets.resume_starts(engine) == [fleet_id]
+    fleet = engine.store.fleet(fleet_id)
+    lines = {p["app"]: p for p in fleet.plan}
+    assert fleet.status == fleets.STARTED
+    assert "rotation" in lines["signon"] and "rotation" in lines["whitehall"]
+    assert "retired-app" in lines["retired-app"]["skip"] and "rotation" not in lines["retired-app"]
