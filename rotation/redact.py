@@ -10,12 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from typing import Any
+
+import ahocorasick
 
 MASK = "[redacted]"
 _MIN_LENGTH = 6  # shorter strings are too common to hide without mangling ordinary text
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
+# Every spelling of every secret, matched in one pass over a text (Aho-Corasick): a check
+# costs the text's length, not the number of secrets this process has seen (which only
+# grows: 50 apps leave 500 spellings; a check of them one by one took 19 us and 5% of a
+# fleet's CPU). Rebuilt on the first check after a new secret.
+_matcher: Any = None
 
 
 def _spellings(value: str) -> set[str]:
@@ -27,16 +35,34 @@ def _spellings(value: str) -> set[str]:
 
 def register(*values: str | None) -> None:
     """Remember values that must never be shown, however they are escaped."""
+    global _matcher
     with _lock:
         for value in values:
             if value and len(value) >= _MIN_LENGTH:
-                _secrets.update(_spellings(value))
+                new = _spellings(value) - _secrets
+                if new:
+                    _secrets.update(new)
+                    _matcher = None
+
+
+def _found(text: str) -> set[str]:
+    """The registered spellings in `text` (call under _lock)."""
+    global _matcher
+    if not _secrets:
+        return set()
+    if _matcher is None:
+        automaton = ahocorasick.Automaton()
+        for secret in _secrets:
+            automaton.add_word(secret, secret)
+        automaton.make_automaton()
+        _matcher = automaton
+    return {secret for _, secret in _matcher.iter(text)}
 
 
 def redact(text: str) -> str:
     """Replace every registered secret in `text` with a mask."""
     with _lock:
-        found = [s for s in _secrets if s in text]
+        found = _found(text)
     for value in sorted(found, key=len, reverse=True):
         text = text.replace(value, MASK)
     return text
@@ -44,7 +70,7 @@ def redact(text: str) -> str:
 
 def contains_secret(text: str) -> bool:
     with _lock:
-        return any(s in text for s in _secrets)
+        return bool(_found(text))
 
 
 class RedactingFilter(logging.Filter):

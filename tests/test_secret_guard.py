@@ -82,3 +82,22 @@ def test_a_mysql_rotation_with_an_awkward_password_keeps_it_out_of_the_state(wor
                      json.dumps(password, ensure_ascii=False)[1:-1], repr(password)[1:-1]):
         assert spelling not in dump
     assert redact.redact(json.dumps({"p": password})) == json.dumps({"p": redact.MASK})
+
+
+def test_redaction_finds_every_secret_however_many_and_however_they_overlap():
+    token = secrets.token_hex(6)
+    many = [f"many-{i}-{token}" for i in range(2000)]  # what a long-lived process has seen
+    redact.register(*many)
+    assert redact.contains_secret(f"log line with {many[1500]} in it")
+    assert not redact.contains_secret(f"log line with many-2000-{token} in it")
+    assert redact.redact(f"a {many[7]} b") == f"a {redact.MASK} b"
+
+    short = f"short-{token}"
+    assert not redact.contains_secret(f"x {short} y")
+    redact.register(short, f"{short}-and-longer")  # registered after a check: seen at once
+    assert redact.contains_secret(f"x {short} y")
+    assert redact.redact(f"a {short}-and-longer b {short} c") == \
+        f"a {redact.MASK} b {redact.MASK} c"  # the longest spelling masked first
+    quoted = f'quote"d-{token}'
+    redact.register(quoted)
+    assert redact.redact(json.dumps({"password": quoted})) == f'{{"password": "{redact.MASK}"}}'
