@@ -181,11 +181,9 @@ class World:
     def start(self) -> World:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pg = postgres.start(self.workdir / "postgres")
-        from moto.server import ThreadedMotoServer
+        from demo import moto_server
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.moto.start()
+        self.moto = moto_server.start()
         host, port = self.moto.get_host_and_port()
         self.moto_url = f"http://{host}:{port}"
         app_user, app_password, admin_password = APP, _password(), _password()

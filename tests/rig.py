@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import queue
 import shutil
@@ -41,6 +40,7 @@ from moto.server import ThreadedMotoServer
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from demo import moto_server
 from demo.kube_api import FakeKube
 from rotation.store import RotationRow
 from tests import servers
@@ -62,9 +62,7 @@ def moto_url() -> str:
     global _moto
     with _moto_lock:
         if _moto is None:
-            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
-            _moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            _moto.start()
+            _moto = moto_server.start()
         host, port = _moto.get_host_and_port()
         return f"http://{host}:{port}"
 
