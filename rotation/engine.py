@@ -540,9 +540,10 @@ class Engine:
             raise  # another worker has the rotation: write nothing, not even the failure
         except _NeedsApproval as need:
             self._ask(ctx, need)
-        except _Pause as pause:
+        except _Pause as pause:  # an approved gate waits: unless a Hold cleared it meanwhile
             self._wait(ctx, pause.reason, until=pause.until, event=pause.event,
-                       detail=pause.detail)
+                       detail=pause.detail, expect={"decision": ctx.step.decision,
+                                                    "decided_at": ctx.step.decided_at})
         except RotorError as exc:
             self._fail(ctx, explain(exc, ctx.env) or str(exc))
         except Exception as exc:
@@ -577,7 +578,11 @@ class Engine:
             self.store.update_rotation(rotation_id, data=data)
 
     def _transition(self, ctx: Context, to_status: str, *, event: str = "step",
-                    detail: str | None = None, actor: str = SYSTEM, **values: Any) -> None:
+                    detail: str | None = None, actor: str = SYSTEM,
+                    expect: dict[str, Any] | None = None, **values: Any) -> None:
+        """Record the step's new status. With `expect`, only if the step still holds those
+        values (compare-and-set): otherwise what changed it meanwhile stands, and nothing of
+        this run is recorded (its step runs again, and checks before acting)."""
         with self.store.transaction():
             if to_status == "waiting" and any(
                     i > ctx.requests_seen
@@ -586,9 +591,12 @@ class Engine:
                 # Read inside the write transaction, so a request is either seen here or
                 # sets the re-check itself after this commits.
                 values["next_check_at"] = self.clock()
+            if not self.store.update_step(ctx.rotation.id, ctx.step.position, expect=expect,
+                                          status=to_status, **values) and expect is not None:
+                ctx.log.info("changed while it ran (its %s); not recorded as %s",
+                             " and ".join(expect), to_status)
+                return
             self.store.update_rotation(ctx.rotation.id, data=ctx.data)
-            self.store.update_step(ctx.rotation.id, ctx.step.position, status=to_status,
-                                   **values)
             if to_status != ctx.step.status or detail:
                 self.store.audit(ctx.rotation.id, event, actor, step=ctx.step.name,
                                  from_status=ctx.step.status, to_status=to_status,
@@ -610,7 +618,8 @@ class Engine:
                          **spent)
 
     def _wait(self, ctx: Context, reason: str, *, until: float | None = None,
-              event: str | None = None, detail: str | None = None) -> None:
+              event: str | None = None, detail: str | None = None,
+              expect: dict[str, Any] | None = None) -> None:
         now = self.clock()
         waits = self.catalogue.waits
         if until is None:
@@ -626,7 +635,8 @@ class Engine:
                          detail=redact.redact(detail or reason) if first else None,
                          wait_reason=reason,
                          waiting_since=ctx.step.waiting_since or now,
-                         next_check_at=until, checks=ctx.step.checks + 1, **spent)
+                         next_check_at=until, checks=ctx.step.checks + 1, expect=expect,
+                         **spent)
 
     def _ask(self, ctx: Context, need: _NeedsApproval) -> None:
         summary = redact.redact(need.summary)

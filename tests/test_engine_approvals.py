@@ -211,6 +211,34 @@ def test_a_hold_that_read_the_step_before_its_notice_was_recorded_still_holds(
     assert engine.advance(rid).phase == "needs-approval" and acted == []
 
 
+def test_a_hold_between_the_notice_and_the_hold_period_is_not_overwritten_by_the_wait(
+    tmp_path, clock  # noqa: F811
+):
+    """The worker recorded the notice and read the step (approved, in its hold period);
+    2nd line holds before the worker records the wait: the wait is not recorded over the
+    hold, so the step shows it needs approval again (it would have sat "waiting" out the
+    whole hold period)."""
+    acted: list[str] = []
+    engine, _ = make(tmp_path, clock, {"drop": _gate(True, acted)}, notices=Notices())
+    rid = engine.start("mysql", "signon", "production", "alice").id
+    engine.advance(rid)
+    engine.approve(rid, "drop", "bob")
+    tell = engine._second_line_notice
+
+    def told_then_held(ctx: Context, summary: str) -> None:
+        try:
+            tell(ctx, summary)
+        finally:  # it pauses for the hold period: 2nd line clicks Hold now
+            engine.hold(rid, "drop", "erin")
+
+    engine._second_line_notice = told_then_held  # type: ignore[method-assign]
+    row = engine.advance(rid)
+    assert row.phase == "needs-approval" and row.current.decision is None, row.current
+    assert row.next_run_at is None  # a person must approve again
+    engine._second_line_notice = tell  # type: ignore[method-assign]
+    assert engine.advance(rid).phase == "needs-approval" and acted == []
+
+
 def test_a_fleet_notices_hold_holds_each_app_it_names_and_says_which_it_could_not(
     tmp_path, clock  # noqa: F811
 ):
