@@ -689,6 +689,17 @@ class Engine:
             ctx.step = step = self.store.rotation(ctx.rotation.id).step(step.position)
         if step.hold_until and step.hold_until > now:
             raise _Pause("the 2nd line hold period to pass", step.hold_until)
+        if step.hold_until is not None:
+            # The hold period is over: claim the approval before acting, compare-and-set, so
+            # a Hold that read the step a moment ago (its clock behind this one) loses,
+            # rather than say it held a step that is acting. Context.approve sees a Hold
+            # that won.
+            with self.store.transaction():
+                self.store.update_step(ctx.rotation.id, step.position,
+                                       expect={"decided_at": step.decided_at,
+                                               "hold_until": step.hold_until},
+                                       hold_until=None)
+            ctx.step = self.store.rotation(ctx.rotation.id).step(step.position)
 
     def _finish(self, rotation: RotationRow) -> None:
         with self.store.transaction():
@@ -772,7 +783,8 @@ class Engine:
                 # (recording the notice starts a hold period, which can still be held).
                 won = self.store.update_step(
                     rotation.id, step.position,
-                    expect={"decided_at": step.decided_at, "notice_at": step.notice_at},
+                    expect={"decided_at": step.decided_at, "notice_at": step.notice_at,
+                        "hold_until": step.hold_until},
                     status="needs-approval", decision=None, decided_by=None, decided_at=None,
                     notice_at=None, notice_ref=None, hold_until=None,
                     gate_requested_at=self.clock(), wait_reason=None, next_check_at=None)

@@ -15,10 +15,10 @@ from handlers import messages
 from rotation import fleet as fleets
 from rotation.catalogue import SlackConfig
 from rotation.engine import Context, Done, Engine, Outcome
-from rotation.errors import InvalidTransition, NotAllowed
+from rotation.errors import InvalidTransition, NotAllowed, RotorError
 from rotation.facts import Facts
 from rotation.store import MIGRATIONS, Store
-from tests.test_engine import CATALOGUE, Notices, ScriptedKind, clock, make  # noqa: F401
+from tests.test_engine import CATALOGUE, Clock, Notices, ScriptedKind, clock, make  # noqa: F401
 
 
 class World:
@@ -237,6 +237,41 @@ def test_a_hold_between_the_notice_and_the_hold_period_is_not_overwritten_by_the
     assert row.next_run_at is None  # a person must approve again
     engine._second_line_notice = tell  # type: ignore[method-assign]
     assert engine.advance(rid).phase == "needs-approval" and acted == []
+
+
+def test_a_hold_whose_clock_is_behind_loses_to_the_worker_acting_after_the_hold_period(
+    tmp_path, clock  # noqa: F811
+):
+    """The Slack handler's clock says the hold period has a moment left, the worker's says
+    it is over: the worker claims the approval before it acts, and the Hold is refused
+    instead of saying it held a step that is acting."""
+    acted: list[str] = []
+    worker, _ = make(tmp_path, clock, {"drop": _gate(True, acted)}, notices=Notices())
+    rid = worker.start("mysql", "signon", "production", "alice").id
+    worker.advance(rid)
+    worker.approve(rid, "drop", "bob")
+    hold_until = worker.advance(rid).current.hold_until
+    assert hold_until is not None
+    behind = Clock()
+    behind.now = hold_until - 1
+    handler, _ = make(tmp_path, behind, {"drop": _gate(True, acted)}, notices=Notices())
+    clock.now = hold_until + 1
+    read = handler._active
+    reads = 0
+
+    def read_then_the_worker_acts(rotation_id: int) -> Any:
+        nonlocal reads
+        reads += 1
+        row = read(rotation_id)
+        if reads == 1:
+            assert worker.advance(rotation_id).status == "done"
+        return row
+
+    handler._active = read_then_the_worker_acts  # type: ignore[method-assign]
+    with pytest.raises(RotorError):
+        handler.hold(rid, "drop", "erin")
+    assert acted == ["signon"]
+    assert "held" not in [r.event for r in worker.store.audit_rows(rid)]
 
 
 def test_a_fleet_notices_hold_holds_each_app_it_names_and_says_which_it_could_not(
