@@ -50,6 +50,7 @@ log = logging.getLogger("rotor.engine")
 
 LEASE_SECONDS = timeouts.LEASE_SECONDS
 SLOT_RETRY = 0.5  # seconds before a rotation that found its host or account full is tried again
+CANCEL_RECHECK = 0.05  # seconds between looks at a lease another engine of this process holds
 HOLD_ATTEMPTS = 5  # a hold that loses its compare-and-set reads again this often
 SYSTEM = "rotor"
 GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
@@ -914,16 +915,27 @@ class Engine:
         if not now:
             return self.store.rotation(rotation.id)
         row = self.advance(rotation.id)
-        # This engine's worker thread may hold the rotation (a lease is never taken twice):
-        # it sees the request at its next step; wait for it to let go, then cancel here.
+        # A worker of this process (this engine's, or another engine's of the pool) may hold
+        # the rotation (a lease is never taken twice): it sees the request at its next step;
+        # wait for it to let go, then cancel here. Another process's worker finishes it.
         deadline = time.monotonic() + LEASE_SECONDS
         with self._released:
             row = self.store.rotation(rotation.id)  # read under the lock: no missed notify
-            while (row.status == ACTIVE and row.lease_owner == self.worker_id
+            while (row.status == ACTIVE and self._held_here(row)
                    and time.monotonic() < deadline):
-                self._released.wait(deadline - time.monotonic())
+                # This engine's release notifies; another engine's is seen by looking again.
+                self._released.wait(min(CANCEL_RECHECK, deadline - time.monotonic()))
                 row = self.store.rotation(rotation.id)
         return self.advance(rotation.id) if row.status == ACTIVE else row
+
+    def _held_here(self, rotation: RotationRow) -> bool:
+        """Whether a worker of this very process holds the rotation's lease now."""
+        owner = rotation.lease_owner
+        if owner is None or (rotation.lease_until or 0) <= self.clock():
+            return False
+        host, pid, _, proof = (owner.split(":") + ["", "", "", ""])[:4]
+        mine = self.worker_id.split(":")
+        return [host, pid, proof] == [mine[0], mine[1], mine[3]]
 
     def _cancel_now(self, rotation: RotationRow) -> None:
         step = rotation.current or rotation.steps[-1]

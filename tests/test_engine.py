@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,6 +376,32 @@ def test_cancel_runs_the_kinds_cancel_and_frees_the_app(tmp_path, clock):
     engine.start("mysql", "signon", "staging", "U1")
     with pytest.raises(InvalidTransition, match="cancelled"):
         engine.approve(rotation.id, "a", "U2")
+
+
+def test_a_cancel_waits_for_another_engine_of_this_process_to_let_the_rotation_go(
+    tmp_path, clock
+):
+    """rotor serve's pool: a worker engine is in a step when the Slack handler's engine
+    cancels; the cancel waits for the step to end and then cancels, rather than answer
+    "requested" (and the person wait for the worker)."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def slow(ctx: Context) -> Outcome:
+        entered.set()
+        leave.wait(10)
+        return Wait("x", 100)
+
+    worker, kind = make(tmp_path, clock, {"a": slow})
+    handler, _ = make(tmp_path, clock, {"a": slow})
+    handler.kinds["mysql"] = kind  # one kind: the cancels it ran are counted once
+    rotation = worker.start("mysql", "signon", "staging", "U1")
+    running = threading.Thread(target=worker.advance, args=(rotation.id,))
+    running.start()
+    assert entered.wait(10)
+    threading.Timer(0.3, leave.set).start()
+    row = handler.cancel(rotation.id, "U2")
+    running.join(10)
+    assert row.status == "cancelled" and kind.cancelled == [rotation.id]
 
 
 def test_expired_approvals_pause_and_can_be_asked_again(tmp_path, clock):
