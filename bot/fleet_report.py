@@ -16,7 +16,6 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from bot import reporter  # bot.reporter imports this module first: use its names late
 from bot.fleet_notice import FleetNoticeBusy
 from bot.slack import SLACK_ERRORS
 from handlers import fleet_messages, messages
@@ -49,17 +48,12 @@ def ensure_root(rep: Reporter, fleet: FleetRow) -> tuple[str, str]:
     if found is not None:
         return found
     marker = f"slack:fleet-root-in-flight:{fleet.id}"
-    found = _find_root(rep, fleet) if rep.store.get_kv(marker) else None
+    found = (rep.find_posted_root(None, fleet.created_at, {"fleet": fleet.id})
+             if rep.store.get_kv(marker) else None)
     if found is None:
         rep.store.set_kv(marker, "1")
         text, blocks = fleet_messages.table(fleet, rep.store.fleet_rotations(fleet.id))
-        response = rep._call("chat_postMessage", channel=rep.channel, text=text, blocks=blocks,
-                             unfurl_links=False,
-                             metadata={"event_type": reporter.ROOT_EVENT,
-                                       "event_payload": {"fleet": fleet.id}})
-        found = (str(response["channel"]), str(response["ts"]))
-        if rep.store.get_kv(reporter.CHANNEL_ID) != found[0]:
-            rep.store.set_kv(reporter.CHANNEL_ID, found[0])
+        found = rep.post_root(None, text, blocks, {"fleet": fleet.id})
         log.info("reporter: fleet #%s root message posted", fleet.id)
     else:
         log.info("reporter: fleet #%s root message was posted before; not posting again",
@@ -68,19 +62,6 @@ def ensure_root(rep: Reporter, fleet: FleetRow) -> tuple[str, str]:
     rep.store.set_fleet_message(fleet.id, f"{found[0]}:{found[1]}")
     rep.store.set_kv(marker, "")
     return found
-
-
-def _find_root(rep: Reporter, fleet: FleetRow) -> tuple[str, str] | None:
-    channel = rep.store.get_kv(reporter.CHANNEL_ID)
-    if channel is None:  # never posted to the channel, so its ID is unknown: post again
-        return None
-    response = rep._call("conversations_history", channel=channel,
-                         oldest=str(fleet.created_at - 60), include_all_metadata=True,
-                         limit=200)
-    for message in response.get("messages") or []:
-        if reporter._payload(message, reporter.ROOT_EVENT) == {"fleet": fleet.id}:
-            return channel, str(message["ts"])
-    return None
 
 
 def deliver_member(rep: Reporter, rotation: RotationRow) -> int | None:

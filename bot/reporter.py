@@ -432,14 +432,7 @@ class Reporter:
             if found is None:
                 self._mark(state, rotation.id, key)
                 text, blocks = messages.root(rotation)
-                response = self._call(
-                    "chat_postMessage", channel=state.channel or self.channel, text=text,
-                    blocks=blocks, unfurl_links=False,
-                    metadata={"event_type": ROOT_EVENT,
-                              "event_payload": {"rotation": rotation.id}})
-                found = (str(response["channel"]), str(response["ts"]))
-                if self.store.get_kv(CHANNEL_ID) != found[0]:
-                    self.store.set_kv(CHANNEL_ID, found[0])
+                found = self.post_root(state.channel, text, blocks, {"rotation": rotation.id})
             self._join_once(found[0])  # a lost answer is looked for in its history
             state.channel, state.root = found
             state.in_flight = None
@@ -519,16 +512,34 @@ class Reporter:
         return None
 
     def _find_root(self, state: Delivery, rotation: RotationRow) -> tuple[str, str] | None:
-        channel = state.channel or self.store.get_kv(CHANNEL_ID)
+        return self.find_posted_root(state.channel, rotation.created_at,
+                                     {"rotation": rotation.id})
+
+    def find_posted_root(self, channel: str | None, since: float,
+                         payload: dict[str, int]) -> tuple[str, str] | None:
+        """A root message posted since `since` whose metadata carries `payload` (a post whose
+        answer was lost), looked for in the channel's history; None if there is none."""
+        channel = channel or self.store.get_kv(CHANNEL_ID)
         if channel is None:  # never posted to the channel, so its ID is unknown: post again
             return None
         response = self._call("conversations_history", channel=channel,
-                              oldest=str(rotation.created_at - 60), include_all_metadata=True,
-                              limit=200)
+                              oldest=str(since - 60), include_all_metadata=True, limit=200)
         for message in response.get("messages") or []:
-            if _payload(message, ROOT_EVENT) == {"rotation": rotation.id}:
+            if _payload(message, ROOT_EVENT) == payload:
                 return channel, str(message["ts"])
         return None
+
+    def post_root(self, channel: str | None, text: str, blocks: list[dict[str, Any]],
+                  payload: dict[str, int]) -> tuple[str, str]:
+        """Post a root message carrying `payload` in its metadata (`find_posted_root` finds
+        it if the answer is lost); where it went. The channel's ID is kept for that search."""
+        response = self._call("chat_postMessage", channel=channel or self.channel, text=text,
+                              blocks=blocks, unfurl_links=False,
+                              metadata={"event_type": ROOT_EVENT, "event_payload": payload})
+        found = (str(response["channel"]), str(response["ts"]))
+        if self.store.get_kv(CHANNEL_ID) != found[0]:
+            self.store.set_kv(CHANNEL_ID, found[0])
+        return found
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         if not self._renew():
