@@ -38,11 +38,13 @@ from rotation.store import (
     ACTIVE,
     CANCELLED,
     DONE,
+    SYSTEM,
     RotationRow,
     SecretInState,
     StepRow,
     Store,
     holder_is_dead,
+    is_this_process,
     process_identity,
 )
 
@@ -52,7 +54,6 @@ LEASE_SECONDS = timeouts.LEASE_SECONDS
 SLOT_RETRY = 0.5  # seconds before a rotation that found its host or account full is tried again
 CANCEL_RECHECK = 0.05  # seconds between looks at a lease another engine of this process holds
 HOLD_ATTEMPTS = 5  # a hold that loses its compare-and-set reads again this often
-SYSTEM = "rotor"
 GUIDE = "guide:"  # gates whose key starts with this are guided steps: a person clicks "Done"
 NOTICE_WAIT = "the 2nd line notice to be posted"
 NOTICE_RECHECK = 5.0  # seconds; posting the notice wakes the step sooner (`Engine.recheck`)
@@ -931,11 +932,8 @@ class Engine:
     def _held_here(self, rotation: RotationRow) -> bool:
         """Whether a worker of this very process holds the rotation's lease now."""
         owner = rotation.lease_owner
-        if owner is None or (rotation.lease_until or 0) <= self.clock():
-            return False
-        host, pid, _, proof = (owner.split(":") + ["", "", "", ""])[:4]
-        mine = self.worker_id.split(":")
-        return [host, pid, proof] == [mine[0], mine[1], mine[3]]
+        return (owner is not None and (rotation.lease_until or 0) > self.clock()
+                and is_this_process(owner))
 
     def _cancel_now(self, rotation: RotationRow) -> None:
         step = rotation.current or rotation.steps[-1]

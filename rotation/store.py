@@ -29,6 +29,7 @@ from rotation.errors import LeaseLost, RotationConflict, RotorError, UnknownName
 ACTIVE = "active"
 DONE = "done"
 CANCELLED = "cancelled"
+SYSTEM = "rotor"  # the actor of what Rotor does by itself, in the audit
 
 STEP_STATUSES = ("pending", "running", "waiting", "needs-approval", "done", "failed", "skipped")
 FINISHED_STEP = ("done", "skipped")
@@ -259,9 +260,16 @@ def holder_is_dead(holder: str) -> bool:
     mine = _proof().split(".")
     if "-" in (boot, namespace, started) or [boot, namespace] != mine[:2]:
         return False
-    if int(parts[1]) == os.getpid() and started == mine[2]:
-        return False  # this very process: alive (claims ask this often; no /proc read)
+    if is_this_process(holder):
+        return False  # alive (claims ask this often; no /proc read)
     return _start_time(int(parts[1])) != started
+
+
+def is_this_process(holder: str) -> bool:
+    """Whether `holder` (a `process_identity`) names this very process: its pid, boot, pid
+    namespace and start time (any of its workers, whatever the instance)."""
+    parts = holder.split(":")
+    return len(parts) >= 4 and parts[1] == str(os.getpid()) and parts[3] == _proof()
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
