@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from rotation.errors import (
     RotorError,
     UnknownName,
 )
-from rotation.store import ACTIVE, DONE, FleetRow, RotationRow
+from rotation.store import ACTIVE, DONE, SYSTEM, FleetRow, RotationRow
 
 if TYPE_CHECKING:  # `rotor status` reads fleets without loading the catalogue (pydantic)
     from rotation.engine import Engine
@@ -42,7 +43,6 @@ def person(actor: str | None) -> str:
 PLANNED, CONFIRMING, STARTED, CANCELLED = "planned", "confirming", "started", "cancelled"
 STARTING = "starting"  # confirmed; its rotations are being created (resume_starts ends it)
 START_LOCK_SECONDS = 300.0  # a starter creates 50 rotations in about a second
-SYSTEM = "rotor"
 
 
 class FleetRefused(RotorError):
@@ -162,41 +162,39 @@ def _start(engine: Engine, fleet: FleetRow, from_status: str, actor: str) -> Fle
     until every app's rotation exists: a starter that dies part way is taken over by
     `resume_starts`."""
     store = engine.store
-    owner = engine.worker_id
     if not store.move_fleet(fleet.id, from_status, STARTING, actor, confirmed=True):
         raise RotationConflict(f"fleet #{fleet.id} was confirmed already")
-    if not store.try_lock(_start_lock(fleet.id), owner, store.clock() + START_LOCK_SECONDS):
-        return store.fleet(fleet.id)  # a resume took it in between: it starts the apps
-    try:
+    with _start_lock(engine, fleet.id) as mine:
+        if not mine:
+            return store.fleet(fleet.id)  # a resume took it in between: it starts the apps
         return _start_members(engine, store.fleet(fleet.id), actor)
-    finally:
-        store.try_lock(_start_lock(fleet.id), owner, store.clock())  # release
 
 
 def resume_starts(engine: Engine) -> list[int]:
     """Finish starting the fleets whose starter died part way (a crash, a redeploy): the
     apps whose rotation does not exist yet are started now. Safe beside a live starter: it
     holds the fleet's start lock, and the database lets one active rotation per app be."""
-    store = engine.store
     resumed = []
-    for fleet_id in store.fleet_ids(STARTING):
-        owner = engine.worker_id
-        if not store.try_lock(_start_lock(fleet_id), owner,
-                              store.clock() + START_LOCK_SECONDS):
-            continue  # its starter is alive and still at it
-        try:
-            fleet = store.fleet(fleet_id)
-            if fleet.status == STARTING:
+    for fleet_id in engine.store.fleet_ids(STARTING):
+        with _start_lock(engine, fleet_id) as mine:
+            fleet = engine.store.fleet(fleet_id)
+            if mine and fleet.status == STARTING:  # not mine: its starter is still at it
                 log.warning("fleet: #%s was not fully started; starting the rest", fleet_id)
                 _start_members(engine, fleet, fleet.confirmed_by or SYSTEM)
                 resumed.append(fleet_id)
-        finally:
-            store.try_lock(_start_lock(fleet_id), owner, store.clock())
     return resumed
 
 
-def _start_lock(fleet_id: int) -> str:
-    return f"fleet-start:{fleet_id}"
+@contextmanager
+def _start_lock(engine: Engine, fleet_id: int) -> Iterator[bool]:
+    """The fleet's start lock for the block, if no live starter holds it (whether it did)."""
+    store, name, owner = engine.store, f"fleet-start:{fleet_id}", engine.worker_id
+    mine = store.try_lock(name, owner, store.clock() + START_LOCK_SECONDS)
+    try:
+        yield mine
+    finally:
+        if mine:
+            store.try_lock(name, owner, store.clock())  # release
 
 
 def _start_members(engine: Engine, fleet: FleetRow, actor: str) -> FleetRow:
