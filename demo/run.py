@@ -61,30 +61,31 @@ def as_text(message: Message) -> str:
     return "\n".join(lines) if lines else mrkdwn(message.text)
 
 
-def _rotation(world: World) -> tuple[int, str] | None:
+def _state_row(world: World, query: str, *args: Any) -> tuple[Any, ...] | None:
+    """One row of the bot's state DB, read-only; None while it does not exist yet."""
     path = world.workdir / "rotor.db"
     if not path.exists():
         return None
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            row = conn.execute("SELECT id, status FROM rotations ORDER BY id DESC LIMIT 1"
-                               ).fetchone()
+            row = conn.execute(query, args).fetchone()
         finally:
             conn.close()
     except sqlite3.OperationalError:  # the bot is creating it this instant
         return None
+    return tuple(row) if row else None
+
+
+def _rotation(world: World) -> tuple[int, str] | None:
+    row = _state_row(world, "SELECT id, status FROM rotations ORDER BY id DESC LIMIT 1")
     return (int(row[0]), str(row[1])) if row else None
 
 
 def _last_step(world: World, rotation_id: int) -> str:
-    conn = sqlite3.connect(f"file:{world.workdir / 'rotor.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        row = conn.execute("SELECT name FROM steps WHERE rotation_id = ? "
-                           "ORDER BY position DESC LIMIT 1", [rotation_id]).fetchone()
-    finally:
-        conn.close()
-    return str(row[0])
+    row = _state_row(world, "SELECT name FROM steps WHERE rotation_id = ? "
+                            "ORDER BY position DESC LIMIT 1", rotation_id)
+    return str(row[0]) if row else "?"
 
 
 def _root(world: World, rotation_id: int) -> Message | None:
